@@ -1,0 +1,12 @@
+"""The one exception type springfield raises for mistakes a user can fix."""
+
+
+class SpringfieldError(Exception):
+    """A user-facing error: the message names the file or flag at fault and the fix.
+
+    The CLI prints it in one or two lines, without a traceback, and exits non-zero.
+    """
+
+
+class BadImageError(SpringfieldError):
+    """A file that is not a decodable image (or one springfield refuses to decode)."""
