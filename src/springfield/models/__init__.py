@@ -1,0 +1,88 @@
+"""Models by name. Every model maps a float batch ``(B, H, W, 3)`` to logits ``(B, classes)``
+and is called as ``model(x, train=..., rngs=...)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+from flax import nnx
+
+from springfield.errors import SpringfieldError
+from springfield.models.activations import ACTIVATIONS, get_activation
+from springfield.models.refcnn import RefCNN
+from springfield.models.resnet import ResNet
+from springfield.models.seed import SeedCNN
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build a model and the input size it was designed for, as (height, width)."""
+
+    build: Callable[..., nnx.Module]
+    image_size: tuple[int, int]
+    min_size: int
+    about: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "resnet": ModelSpec(
+        lambda n, size, act, rngs: ResNet(n, act=act, rngs=rngs),
+        (64, 64), ResNet.min_size,
+        "small residual CNN with BatchNorm and global pooling (default)",
+    ),
+    "resnet-wide": ModelSpec(
+        lambda n, size, act, rngs: ResNet(n, act=act, rngs=rngs, widths=(48, 96, 192), depth=2),
+        (112, 112), ResNet.min_size,
+        "wider, deeper residual CNN for real photos",
+    ),
+    "seed": ModelSpec(
+        lambda n, size, act, rngs: SeedCNN(n, image_size=size, act=act, rngs=rngs),
+        (160, 120), SeedCNN.min_size,
+        "the original tutorial CNN (326,452 parameters for 4 classes)",
+    ),
+    "refcnn": ModelSpec(
+        lambda n, size, act, rngs: RefCNN(n, image_size=size, act=act, rngs=rngs),
+        (64, 64), RefCNN.min_size,
+        "the framework benchmark's reference CNN",
+    ),
+}
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``, or a SpringfieldError listing the choices."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise SpringfieldError(
+            f"--model {name!r}: unknown; choose one of {', '.join(MODELS)}."
+        ) from None
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    image_size: tuple[int, int],
+    activation: str = "relu",
+    seed: int = 0,
+) -> nnx.Module:
+    """Build model ``name`` for ``num_classes`` classes and inputs of ``image_size``."""
+    spec = model_spec(name)
+    h, w = image_size
+    if min(h, w) < spec.min_size:
+        raise SpringfieldError(
+            f"--image-size {h} {w}: too small for model {name!r}, which needs at least "
+            f"{spec.min_size}x{spec.min_size} px (its default is "
+            f"{spec.image_size[0]} {spec.image_size[1]})."
+        )
+    return spec.build(num_classes, (h, w), get_activation(activation), nnx.Rngs(params=seed))
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+__all__ = ["ACTIVATIONS", "MODELS", "build_model", "count_params", "model_spec"]

@@ -1,0 +1,142 @@
+"""Typed, frozen run configuration, presets, and its JSON form in the run folder.
+
+The CLI is generated from these dataclasses (tyro): each field's docstring is its ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+def default_workers() -> int:
+    """One worker process per two cores: the training step needs the other cores."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Train an image classifier on a folder of images (one sub-folder per class)."""
+
+    data: Path | None = None
+    """Image folder: <data>/<class>/<image>, or <data>/train/... and <data>/val/... .
+    Left out: the built-in synthetic Simpsons dataset (generated once into the cache)."""
+
+    workdir: Path | None = None
+    """Run folder for config, metrics, checkpoints and plots (default runs/<timestamp>).
+    Running train again with the same folder resumes where it stopped."""
+
+    model: str = "resnet"
+    """Model name: resnet (small residual CNN, default), resnet-wide, seed (the tutorial's
+    CNN), refcnn (the framework benchmark's CNN)."""
+
+    activation: str = "relu"
+    """Activation: relu, gelu, silu, mish, elu, leaky_relu, ... or module:function for
+    your own."""
+
+    image_size: tuple[int, int] | None = None
+    """Input height and width in pixels (default: the model's own, e.g. 64 64 for resnet,
+    160 120 for seed). Images are resized to it, aspect ratio not kept."""
+
+    epochs: int = 12
+    """Passes over the training images."""
+
+    batch_size: int = 64
+    """Global batch size (split over all devices)."""
+
+    optimizer: str = "adamw"
+    """Any optax optimizer by name: sgd, momentum (sgd + 0.9 momentum), nesterov, adam,
+    adamw, lion, rmsprop, adabelief, lamb, ..."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+
+    schedule: Literal["constant", "cosine", "onecycle", "linear"] = "onecycle"
+    """Learning-rate schedule: constant, cosine (warmup then cosine decay), onecycle, or
+    linear decay."""
+
+    warmup_epochs: float = 1.0
+    """Warmup length for the cosine and linear schedules."""
+
+    weight_decay: float = 5e-4
+    """Weight decay. Decoupled for adamw/lion/lamb (their own); added to the gradient as L2
+    on all parameters for every other optimizer (as in the tutorial and torch.optim)."""
+
+    label_smoothing: float = 0.0
+    """Label smoothing for the cross-entropy loss (0 = none, 0.1 is common)."""
+
+    augment: Literal["none", "flip", "light", "standard"] = "light"
+    """Augmentation in the input workers: none, flip, light (crop 70-100% + flip + mild
+    colour jitter), standard (crop 50-100%, flip, rotation, colour jitter)."""
+
+    val_fraction: float = 0.2
+    """Share of each class held out for validation when <data> has no train/val folders."""
+
+    seed: int = 0
+    """Seed for the split, initialisation, shuffling and augmentation."""
+
+    workers: int = dataclasses.field(default_factory=default_workers)
+    """Input worker processes (0 = in the main process). The default is half the cores."""
+
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    """What to do with unreadable files: skip them (listed in skipped.txt) or fail."""
+
+    synthetic_per_class: int = 150
+    """Images per class of the built-in dataset (used only without --data)."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files into the run folder."""
+
+    report: bool = True
+    """Write curves.png, confusion.png, mistakes.png, samples.png and report.html at the end."""
+
+
+PRESETS: dict[str, dict] = {
+    # The tutorial's recipe: its network at 160x120, SGD with momentum 0.9, lr 0.01, weight
+    # decay 5e-4 as L2 on all parameters, 50 epochs, no augmentation, no schedule.
+    "seed": dict(model="seed", optimizer="momentum", lr=0.01, schedule="constant",
+                 weight_decay=5e-4, epochs=50, batch_size=32, augment="none"),
+}
+
+
+def preset_config(name: str | None) -> TrainConfig:
+    """The default config, with preset ``name`` applied (flags given later still win)."""
+    from springfield.errors import SpringfieldError
+
+    if name is None:
+        return TrainConfig()
+    if name not in PRESETS:
+        raise SpringfieldError(f"--preset {name!r}: unknown; choose one of {', '.join(PRESETS)}.")
+    return dataclasses.replace(TrainConfig(), **PRESETS[name])
+
+
+def to_json(cfg: TrainConfig) -> dict:
+    """JSON-ready dict of ``cfg`` (paths as strings, tuples as lists)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def from_json(d: dict) -> TrainConfig:
+    """Inverse of :func:`to_json`; unknown keys (from newer versions) are ignored."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    kw = {k: v for k, v in d.items() if k in names}
+    for k in ("data", "workdir"):
+        if kw.get(k) is not None:
+            kw[k] = Path(kw[k])
+    if kw.get("image_size") is not None:
+        kw["image_size"] = tuple(kw["image_size"])
+    return TrainConfig(**kw)
+
+
+def save_json(obj: object, path: Path) -> None:
+    """Write ``obj`` as indented JSON atomically (a crash never leaves half a file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

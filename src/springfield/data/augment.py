@@ -1,0 +1,89 @@
+"""Seeded image augmentation run inside grain workers, on uint8 arrays.
+
+Presets are named so configs stay plain strings: ``none``, ``flip``, ``light`` and
+``standard``. Each is a picklable object, because grain spawns its workers and sends them
+the transform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from springfield.errors import SpringfieldError
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random resized crop, horizontal flip, small rotation and colour jitter.
+
+    ``crop_scale`` is the range of the crop's area as a fraction of the image; ``(1, 1)``
+    disables cropping. ``rotate`` is the maximum angle in degrees. ``jitter`` scales
+    brightness, contrast and saturation by factors in ``[1 - jitter, 1 + jitter]``.
+    """
+
+    flip: bool = True
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    rotate: float = 0.0
+    jitter: float = 0.0
+
+    def __call__(self, element: dict, rng: np.random.Generator) -> dict:
+        img = element["image"]
+        h, w = img.shape[:2]
+        if self.crop_scale != (1.0, 1.0) or self.rotate:
+            pil = Image.fromarray(img)
+            if self.rotate:
+                angle = float(rng.uniform(-self.rotate, self.rotate))
+                pil = pil.rotate(angle, resample=Image.BILINEAR, fillcolor=_edge_colour(img))
+            if self.crop_scale != (1.0, 1.0):
+                area = rng.uniform(*self.crop_scale)
+                aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+                cw = min(1.0, np.sqrt(area * aspect)) * w
+                ch = min(1.0, np.sqrt(area / aspect)) * h
+                x0 = rng.uniform(0, w - cw)
+                y0 = rng.uniform(0, h - ch)
+                pil = pil.resize((w, h), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+            img = np.asarray(pil)
+        if self.flip and rng.random() < 0.5:
+            img = img[:, ::-1]
+        if self.jitter:
+            img = _colour_jitter(img, rng, self.jitter)
+        return {**element, "image": np.ascontiguousarray(img)}
+
+
+def _edge_colour(img: np.ndarray) -> tuple[int, int, int]:
+    # Filling rotated corners with the border's mean colour avoids black wedges that a model
+    # could learn as a cue.
+    edge = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    return tuple(int(v) for v in edge.mean(axis=0))
+
+
+def _colour_jitter(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
+    x = img.astype(np.float32)
+    b, c, sat = rng.uniform(1 - s, 1 + s, size=3)
+    x = x * b
+    mean = x.mean()
+    x = (x - mean) * c + mean
+    grey = x.mean(axis=2, keepdims=True)
+    x = (x - grey) * sat + grey
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+PRESETS: dict[str, Augment | None] = {
+    "none": None,
+    "flip": Augment(flip=True),
+    "light": Augment(flip=True, crop_scale=(0.7, 1.0), jitter=0.1),
+    "standard": Augment(flip=True, crop_scale=(0.5, 1.0), rotate=10.0, jitter=0.25),
+}
+
+
+def make_augment(name: str) -> Augment | None:
+    """The augmentation preset called ``name`` (``None`` for ``"none"``)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise SpringfieldError(
+            f"--augment {name!r}: unknown preset; choose one of {', '.join(PRESETS)}."
+        ) from None

@@ -1,0 +1,109 @@
+"""Decode every image once, at the training resolution, into one uint8 array on disk.
+
+An epoch then costs only augmentation: on two cores the training step and the input pipeline
+share the same CPUs, so decoding JPEGs every epoch would starve the step. The array is a
+``.npy`` file that grain worker processes open as a memory map, so nothing large is pickled
+to them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from springfield.data.decode import load_rgb
+from springfield.data.index import ImageIndex
+from springfield.errors import BadImageError
+
+
+def cache_root() -> Path:
+    """Where springfield keeps generated data: ``$SPRINGFIELD_CACHE``, else the platform's
+    per-user cache folder."""
+    if env := os.environ.get("SPRINGFIELD_CACHE"):
+        return Path(env).expanduser().resolve()
+    if os.name == "nt" and (local := os.environ.get("LOCALAPPDATA")):
+        return Path(local) / "springfield" / "cache"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "springfield"
+
+
+def _fingerprint(index: ImageIndex, size: tuple[int, int]) -> str:
+    # Path, byte size and mtime of every file: a changed or replaced image invalidates the cache.
+    h = hashlib.sha256(json.dumps(list(size)).encode())
+    for p in index.paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def decode_index(
+    index: ImageIndex,
+    size: tuple[int, int],
+    *,
+    cache_dir: Path | None = None,
+    threads: int = 2,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[Path, ImageIndex]:
+    """Decode ``index`` to ``(N, H, W, 3)`` uint8 at ``size`` = (height, width).
+
+    Returns the ``.npy`` path and the index of the images it holds, in the same order: a file
+    that passes the header probe but fails to decode is moved to ``skipped`` with its reason.
+    Reuses an existing cache file with the same fingerprint.
+    """
+    cache_dir = Path(cache_dir) if cache_dir else cache_root() / "decoded"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = _fingerprint(index, size)
+    npy = cache_dir / f"{key}.npy"
+    meta_path = cache_dir / f"{key}.json"
+    if npy.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        keep = meta["keep"]
+        failed = [tuple(x) for x in meta["failed"]]
+        if on_progress:
+            on_progress(len(index))
+        return npy, _kept(index, keep, failed)
+
+    h, w = size
+    out = np.lib.format.open_memmap(
+        str(npy) + ".tmp", mode="w+", dtype=np.uint8, shape=(len(index), h, w, 3)
+    )
+    errors: dict[int, str] = {}
+
+    def work(i: int) -> None:
+        try:
+            out[i] = load_rgb(Path(index.paths[i]), size=size)
+        except BadImageError as e:
+            errors[i] = str(e)
+
+    # Pillow releases the GIL while decoding, so threads use both cores without pickling.
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for _ in pool.map(work, range(len(index))):
+            if on_progress:
+                on_progress(1)
+    keep = [i for i in range(len(index)) if i not in errors]
+    failed = [(index.paths[i], errors[i]) for i in sorted(errors)]
+    if errors:
+        compact = np.lib.format.open_memmap(
+            str(npy) + ".tmp2", mode="w+", dtype=np.uint8, shape=(len(keep), h, w, 3)
+        )
+        compact[:] = out[keep]
+        compact.flush()
+        del out, compact
+        os.replace(str(npy) + ".tmp2", str(npy) + ".tmp")
+    else:
+        out.flush()
+        del out
+    os.replace(str(npy) + ".tmp", npy)
+    meta_path.write_text(json.dumps({"keep": keep, "failed": failed}))
+    return npy, _kept(index, keep, failed)
+
+
+def _kept(index: ImageIndex, keep: list[int], failed: list[tuple[str, str]]) -> ImageIndex:
+    sub = index.subset(keep)
+    return ImageIndex(sub.root, sub.classes, sub.paths, sub.labels, sub.skipped + tuple(failed))

@@ -1,0 +1,114 @@
+"""Load a trained run folder; evaluate it on a folder or predict single images.
+
+Loading reads only JSON and orbax arrays: a run folder can never make springfield execute
+code (a custom ``module:function`` activation is imported only because the user's config
+named it, and the CLI says so).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from springfield.config import TrainConfig, from_json
+from springfield.data.decode import load_rgb
+from springfield.errors import BadImageError, SpringfieldError
+from springfield.models import build_model
+from springfield.training import checkpoint
+from springfield.training.optim import make_optimizer, make_schedule
+from springfield.training.steps import TrainState, make_eval_step
+
+
+@dataclass
+class TrainedModel:
+    """A restored model: config, class names, graph definition and state."""
+
+    run_dir: Path
+    config: TrainConfig
+    classes: list[str]
+    graphdef: Any
+    params: Any
+    rest: Any
+    step: int
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.config.image_size)
+
+
+def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
+    """Restore the latest checkpoint of ``run_dir`` (parameters and BatchNorm statistics).
+
+    A run trained with a ``module:function`` activation is refused unless ``allow_import``:
+    importing that module would run its code.
+    """
+    run_dir = Path(run_dir).expanduser().absolute()
+    cfg_path, classes_path = run_dir / "config.json", run_dir / "classes.json"
+    if not cfg_path.exists() or not classes_path.exists():
+        raise SpringfieldError(f"{run_dir}: not a springfield run folder (no config.json / "
+                               "classes.json). Pass the --workdir of a train run.")
+    cfg = from_json(json.loads(cfg_path.read_text()))
+    classes = json.loads(classes_path.read_text())
+    if ":" in cfg.activation and not allow_import:
+        raise SpringfieldError(f"{run_dir} uses the custom activation {cfg.activation!r}; "
+                               "importing it runs that module's code. If you trust it, pass "
+                               "--allow-import.")
+    manager = checkpoint.open_manager(run_dir)
+    step = manager.latest_step()
+    if step is None:
+        raise SpringfieldError(f"{run_dir}: no complete checkpoint yet. Train first, or "
+                               f"resume with: springfield train --workdir {run_dir}")
+    model = build_model(cfg.model, len(classes), image_size=tuple(cfg.image_size),
+                        activation=cfg.activation, seed=cfg.seed)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # The optimizer state is restored too (orbax needs the full tree) and then dropped.
+    tx = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule, lr=cfg.lr, total_steps=2,
+                                                     warmup_steps=0),
+                        weight_decay=cfg.weight_decay)
+    target = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+    try:
+        state = checkpoint.restore(manager, step, target)
+    except (ValueError, KeyError) as e:
+        raise SpringfieldError(f"{run_dir}: checkpoint {step} does not match its config.json "
+                               f"(model {cfg.model}, {len(classes)} classes): {e}") from None
+    finally:
+        manager.close()
+    return TrainedModel(run_dir, cfg, classes, graphdef, state.params, state.rest, step)
+
+
+def predict_images(
+    trained: TrainedModel, paths: list[Path], *, batch_size: int = 32
+) -> tuple[list[Path], np.ndarray, list[tuple[Path, str]]]:
+    """Class probabilities for each readable image: ``(paths, probs (N, C), failures)``."""
+    eval_step = make_eval_step(trained.graphdef)
+    good, arrays, failures = [], [], []
+    for p in paths:
+        try:
+            arrays.append(load_rgb(Path(p), size=trained.image_size))
+            good.append(Path(p))
+        except BadImageError as e:
+            failures.append((Path(p), str(e)))
+    probs = []
+    h, w = trained.image_size
+    for i in range(0, len(arrays), batch_size):
+        chunk = np.stack(arrays[i : i + batch_size])
+        n = len(chunk)
+        # Fixed batch shape: pad, so one compiled step serves every chunk.
+        pad = np.zeros((batch_size, h, w, 3), np.uint8)
+        pad[:n] = chunk
+        batch = {"image": pad, "label": np.zeros(batch_size, np.int32),
+                 "mask": np.zeros(batch_size, np.float32)}
+        logits, _ = eval_step(trained.params, trained.rest, batch)
+        probs.append(np.asarray(jax.nn.softmax(logits))[:n])
+    out = np.concatenate(probs) if probs else np.zeros((0, len(trained.classes)), np.float32)
+    return good, out, failures
+
+
+__all__ = ["TrainedModel", "load_run", "predict_images"]

@@ -1,0 +1,55 @@
+"""Process set-up that must happen before JAX starts: XLA flags and absl flags.
+
+On CPU, XLA (jaxlib 0.10) runs convolutions through a single-threaded path by default; one
+experimental flag hands them to the multi-threaded YNN path, which trains 1.4-1.9x faster on
+two cores (shared/notes/cpu-baseline.md). An unknown XLA flag aborts the process at start-up,
+so the flag is set only for jaxlib versions it was checked on. ``SPRINGFIELD_XLA_FLAGS=0``
+turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+# jaxlib versions on which CPU_CONV_FLAG was checked to be accepted and faster.
+CHECKED_JAXLIB = ("0.10.",)
+
+
+def xla_flags_wanted() -> list[str]:
+    """The XLA flags springfield adds for the installed jaxlib (empty when disabled)."""
+    if os.environ.get("SPRINGFIELD_XLA_FLAGS", "1") == "0":
+        return []
+    try:
+        jaxlib_version = version("jaxlib")
+    except PackageNotFoundError:
+        return []
+    return [CPU_CONV_FLAG] if jaxlib_version.startswith(CHECKED_JAXLIB) else []
+
+
+def setup_runtime() -> None:
+    """Add springfield's XLA flags (before JAX initialises) and mark absl flags parsed.
+
+    grain 0.2.18's worker processes read an absl flag and fail with
+    ``UnparsedFlagAccessError`` unless the flags were marked parsed first.
+    """
+    if "jax" not in sys.modules or not _backend_started():
+        flags = os.environ.get("XLA_FLAGS", "")
+        extra = [f for f in xla_flags_wanted() if f.split("=")[0] not in flags]
+        if extra:
+            os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+    from absl import flags as absl_flags
+
+    if not absl_flags.FLAGS.is_parsed():
+        absl_flags.FLAGS.mark_as_parsed()
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge._backends)
+    except Exception:  # noqa: BLE001 - private API; assume started if it moved
+        return True

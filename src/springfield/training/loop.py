@@ -1,0 +1,248 @@
+"""The training loop: data -> model -> jitted steps -> exact eval -> checkpoints and metrics.
+
+Read top to bottom, this is the whole of training. Resuming is the same code path: if the run
+folder holds a checkpoint, the state and the data iterator are restored from it and the loop
+continues at the next step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import jax
+import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from springfield.config import TrainConfig, save_json, to_json
+from springfield.data.pipeline import eval_dataset, to_iterator, train_dataset
+from springfield.data.prepare import Split, prepare_splits, resolve_data_root
+from springfield.errors import SpringfieldError
+from springfield.models import build_model, count_params, model_spec
+from springfield.training import checkpoint
+from springfield.training.metrics import summarise
+from springfield.training.optim import make_optimizer, make_schedule
+from springfield.training.steps import init_state, make_eval_step, make_train_step
+
+# Settings that must match between a run folder and a resumed run.
+_MUST_MATCH = ("model", "activation", "image_size", "workers", "batch_size", "seed",
+               "epochs", "optimizer", "lr", "schedule", "augment", "data")
+
+
+def default_workdir() -> Path:
+    """``runs/<timestamp>`` in the current folder."""
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def run_eval(eval_step, params, rest, split: Split, batch_size: int) -> tuple[np.ndarray, ...]:
+    """Exact batched evaluation: ``(labels, probs, losses)`` with one row per image.
+
+    The last batch is padded to the fixed batch shape and the padding dropped by its mask,
+    so every image counts exactly once and the step never recompiles.
+    """
+    probs, losses, labels = [], [], []
+    for batch in to_iterator(eval_dataset(split.npy, split.labels, batch_size=batch_size),
+                             workers=0):
+        logits, loss = eval_step(params, rest, batch)
+        keep = batch["mask"] > 0
+        probs.append(np.asarray(jax.nn.softmax(logits))[keep])
+        losses.append(np.asarray(loss)[keep])
+        labels.append(batch["label"][keep])
+    return np.concatenate(labels), np.concatenate(probs), np.concatenate(losses)
+
+
+def _check_resume(workdir: Path, cfg: TrainConfig, classes: list[str]) -> None:
+    old_cfg = json.loads((workdir / "config.json").read_text())
+    new_cfg = to_json(cfg)
+    diffs = [f"--{k.replace('_', '-')} {old_cfg.get(k)} (run) vs {new_cfg.get(k)} (now)"
+             for k in _MUST_MATCH if old_cfg.get(k) != new_cfg.get(k)]
+    old_classes = json.loads((workdir / "classes.json").read_text())
+    if old_classes != classes:
+        diffs.append(f"classes {old_classes} (run) vs {classes} (now)")
+    if diffs:
+        raise SpringfieldError(
+            f"--workdir {workdir} holds a run with other settings: {'; '.join(diffs)}. "
+            "Use the run's settings to resume, or a new --workdir."
+        )
+
+
+def _write_dataset_record(workdir: Path, root: Path, train: Split, val: Split) -> None:
+    skipped = sorted(set(train.index.skipped) | set(val.index.skipped))
+    (workdir / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in skipped))
+    save_json({"root": str(root), "classes": list(train.index.classes),
+               "train_counts": train.index.counts(), "val_counts": val.index.counts(),
+               "skipped": [{"path": p, "reason": r} for p, r in skipped]},
+              workdir / "dataset.json")
+
+
+def _append_metrics(workdir: Path, row: dict) -> None:
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(workdir: Path, last_epoch: int) -> None:
+    # A kill between writing metrics and finishing the checkpoint leaves rows for epochs
+    # that will be trained again: drop them so every epoch appears once.
+    path = workdir / "metrics.jsonl"
+    if path.exists():
+        rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in rows if json.loads(ln)["epoch"] <= last_epoch]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(cfg: TrainConfig, console: Console | None = None) -> Path:
+    """Train (or resume) the run described by ``cfg``; returns the run folder."""
+    console = console or Console()
+    workdir = Path(cfg.workdir or default_workdir()).absolute()
+    cfg = replace(cfg, workdir=workdir)
+    spec = model_spec(cfg.model)
+    image_size = tuple(cfg.image_size or spec.image_size)
+    cfg = replace(cfg, image_size=image_size)
+
+    # Data: folder -> index -> split -> decoded once.
+    root = resolve_data_root(cfg.data, per_class=cfg.synthetic_per_class, console=console)
+    train_split, val_split = prepare_splits(
+        root, image_size=image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
+        on_bad_image=cfg.on_bad_image, console=console,
+    )
+    classes = list(train_split.index.classes)
+    n_train = len(train_split.index)
+    steps_per_epoch = n_train // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise SpringfieldError(f"--batch-size {cfg.batch_size}: larger than the {n_train} "
+                               "training images; use a smaller batch size.")
+    total_steps = steps_per_epoch * cfg.epochs
+
+    # Model, optimizer, steps.
+    model = build_model(cfg.model, len(classes), image_size=image_size,
+                        activation=cfg.activation, seed=cfg.seed)
+    schedule = make_schedule(cfg.schedule, lr=cfg.lr, total_steps=total_steps,
+                             warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
+    tx = make_optimizer(cfg.optimizer, schedule, weight_decay=cfg.weight_decay)
+    graphdef, state = init_state(model, tx)
+    train_step = make_train_step(graphdef, tx, label_smoothing=cfg.label_smoothing)
+    eval_step = make_eval_step(graphdef)
+    key = jax.random.key(cfg.seed)
+
+    data_iter = to_iterator(
+        train_dataset(train_split.npy, train_split.labels, batch_size=cfg.batch_size,
+                      epochs=cfg.epochs, seed=cfg.seed, augment=cfg.augment),
+        workers=cfg.workers,
+    )
+
+    # Run folder: new, or resume from its latest complete checkpoint.
+    workdir.mkdir(parents=True, exist_ok=True)
+    manager = checkpoint.open_manager(workdir)
+    start_step = 0
+    if manager.latest_step() is not None:
+        _check_resume(workdir, cfg, classes)
+        start_step = manager.latest_step()
+        state = checkpoint.restore(manager, start_step, state, data_iter)
+        _truncate_metrics(workdir, start_step // steps_per_epoch)
+        console.print(f"Resuming {workdir} at step {start_step}/{total_steps}.")
+    else:
+        (workdir / "metrics.jsonl").unlink(missing_ok=True)
+    save_json(to_json(cfg), workdir / "config.json")
+    save_json(classes, workdir / "classes.json")
+    _write_dataset_record(workdir, root, train_split, val_split)
+    skipped = len(train_split.index.skipped)
+    console.print(
+        f"[bold]{cfg.model}[/] ({count_params(model):,} parameters) on {n_train} train / "
+        f"{len(val_split.index)} val images of {len(classes)} classes at "
+        f"{image_size[0]}x{image_size[1]}; {cfg.epochs} epochs x {steps_per_epoch} steps. "
+        f"Skipped {skipped} file(s)" + (f" (see {workdir / 'skipped.txt'})." if skipped else ".")
+    )
+
+    def meta(step: int) -> dict:
+        return {"step": step, "epoch": step // steps_per_epoch, "classes": classes,
+                "model": cfg.model, "image_size": list(image_size), "workers": cfg.workers}
+
+    progress = Progress(
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
+        MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console, transient=True,
+    )
+    step = start_step
+    try:
+        with progress:
+            task = progress.add_task("train", total=total_steps, completed=step, epoch=1,
+                                     epochs=cfg.epochs, loss="-")
+            while step < total_steps:
+                epoch = step // steps_per_epoch + 1
+                progress.update(task, epoch=epoch)
+                t_epoch = time.perf_counter()
+                wait = 0.0
+                sums = []
+                first = step
+                for _ in range(epoch * steps_per_epoch - step):
+                    t0 = time.perf_counter()
+                    batch = next(data_iter)
+                    wait += time.perf_counter() - t0
+                    state, m = train_step(state, batch, key)
+                    sums.append(m)
+                    step += 1
+                    if step % 10 == 0 or step == epoch * steps_per_epoch:
+                        progress.update(task, completed=step, loss=f"{float(m['loss_sum']) / max(float(m['count']), 1):.3f}")
+                tot = jax.tree.map(lambda *xs: float(np.sum(xs)), *sums)
+                seconds = time.perf_counter() - t_epoch
+                labels, probs, losses = run_eval(eval_step, state.params, state.rest,
+                                                 val_split, cfg.batch_size)
+                val = summarise(labels, probs, losses, classes)
+                checkpoint.save(manager, step, state, meta(step), data_iter)
+                row = {
+                    "epoch": epoch, "step": step, "lr": float(schedule(step - 1)),
+                    "train_loss": tot["loss_sum"] / tot["count"],
+                    "train_accuracy": tot["correct"] / tot["count"],
+                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                    "train_img_s": (step - first) * cfg.batch_size / seconds,
+                    "epoch_seconds": seconds, "input_wait_fraction": wait / seconds,
+                }
+                _append_metrics(workdir, row)
+                progress.console.print(
+                    f"epoch {epoch:>3}  train loss {row['train_loss']:.4f} acc "
+                    f"{row['train_accuracy']:.3f}  val loss {val['loss']:.4f} acc "
+                    f"{val['accuracy']:.3f}  {row['train_img_s']:.0f} img/s  "
+                    f"input wait {row['input_wait_fraction']:.0%}"
+                )
+    except KeyboardInterrupt:
+        manager.wait_until_finished()
+        if step != manager.latest_step():
+            checkpoint.save(manager, step, state, meta(step), data_iter)
+        manager.wait_until_finished()
+        manager.close()
+        raise SpringfieldError(
+            f"interrupted at step {step}; checkpoint saved. Resume with: springfield train "
+            f"--workdir {workdir} (and the same other flags)."
+        ) from None
+    manager.wait_until_finished()
+    manager.close()
+    _close(data_iter)
+
+    labels, probs, losses = run_eval(eval_step, state.params, state.rest, val_split,
+                                     cfg.batch_size)
+    final = summarise(labels, probs, losses, classes)
+    save_json(final, workdir / "eval.json")
+    console.print(f"Done: validation accuracy {final['accuracy']:.3f} on "
+                  f"{final['num_images']} images. Run folder: {workdir}")
+    return workdir
+
+
+def _close(it) -> None:
+    # Multiprocess iterators leave shared-memory warnings at exit unless closed.
+    close = getattr(it, "close", None)
+    if callable(close):
+        close()
+
+
+__all__ = ["train", "run_eval", "default_workdir"]
