@@ -232,6 +232,7 @@ def test_exif_orientation_3_and_png(tmp_path: Path) -> None:
     assert out.shape == (10, 20, 3) and tuple(out[-1, -1]) == RED
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 def test_corrupt_exif_is_ignored() -> None:
     data = encode(Image.new("RGB", (8, 8), RED), "JPEG", exif=b"Exif\x00\x00II*\x00garbage")
     assert close(load_rgb(data)[4, 4], RED)
@@ -406,14 +407,6 @@ def test_permission_denied_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             fn(path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read a chmod-000 file")
-def test_permission_denied_real(tmp_path: Path) -> None:
-    path = write(tmp_path, "secret.jpg", encode(Image.new("RGB", (2, 2)), "JPEG"))
-    path.chmod(0)
-    with pytest.raises(BadImageError, match="^permission denied$"):
-        load_rgb(path)
-
-
 # ------------------------------------------------------------------------------------------
 # properties: never any exception type but BadImageError
 
@@ -448,10 +441,27 @@ def _decodes_or_bad_image(data: bytes, size: tuple[int, int]) -> np.ndarray | No
     return out
 
 
-@settings(max_examples=150, deadline=None)
-@given(data=st.binary(max_size=512), size=sizes)
-def test_random_bytes_never_raise_anything_else(data: bytes, size: tuple[int, int]) -> None:
-    _decodes_or_bad_image(data, size)
+# Garbage behind a real signature gets past sniffing and exercises Pillow's parsers.
+MAGICS = [
+    b"",
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF89a",
+    b"RIFF\x00\x01\x00\x00WEBPVP8 ",
+    b"II*\x00",
+    b"MM\x00*",
+    b"BM" + bytes(12) + b"(\x00\x00\x00",  # BITMAPINFOHEADER size 40
+]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's "Corrupt EXIF data" etc.
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@settings(max_examples=200, deadline=None)
+@given(magic=st.sampled_from(MAGICS), data=st.binary(max_size=512), size=sizes)
+def test_random_bytes_never_raise_anything_else(
+    magic: bytes, data: bytes, size: tuple[int, int]
+) -> None:
+    _decodes_or_bad_image(magic + data, size)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -463,6 +473,8 @@ def test_random_valid_images_decode(image: tuple, size: tuple[int, int]) -> None
         np.testing.assert_array_equal(load_rgb(data), pixels)  # lossless round trip
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's "Corrupt EXIF data" etc.
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(image=valid_images, size=sizes, cut=st.floats(0, 1), flips=st.lists(st.integers(0)))
 def test_damaged_images_never_raise_anything_else(

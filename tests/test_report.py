@@ -213,12 +213,6 @@ def test_plot_image_grid_rejects_mismatched_captions(tmp_path: Path) -> None:
 # --- report.html ---------------------------------------------------------------------------
 
 
-def test_report_figures_are_fast(run_dir: Path) -> None:
-    # Four figures + the page take ~1.5 s here; the bound is loose for shared CI machines and
-    # only catches an order-of-magnitude regression.
-    assert json.loads(run_dir.joinpath("elapsed.json").read_text()) < 15
-
-
 def test_report_is_self_contained(run_dir: Path) -> None:
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page
@@ -314,6 +308,18 @@ def test_read_scalars_round_trip(tmp_path: Path) -> None:
     assert scalars["train/lr"] == [(20, pytest.approx(3e-4, rel=1e-6))]
 
 
+def test_read_scalars_keeps_sub_writers_apart(tmp_path: Path) -> None:
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(logdir=str(tmp_path)) as writer:
+        writer.add_scalars("loss", {"train": 1.0, "val": 2.0}, 3)
+        writer.add_scalar("lr", 0.5, 3)
+    scalars = read_scalars(tmp_path)
+    assert scalars["lr"] == [(3, 0.5)]
+    assert scalars["loss/train/loss"] == [(3, 1.0)]
+    assert scalars["loss/val/loss"] == [(3, 2.0)]
+
+
 def test_read_scalars_tolerates_truncation_and_rejects_corruption(tmp_path: Path) -> None:
     from tensorboardX import SummaryWriter
 
@@ -324,7 +330,9 @@ def test_read_scalars_tolerates_truncation_and_rejects_corruption(tmp_path: Path
     data = events.read_bytes()
 
     # A writer killed mid-record leaves a partial record at the end: read what is complete.
-    events.write_bytes(data + data[-20:-3])
+    events.write_bytes(data[:-5])
+    assert read_scalars(tmp_path) == {"loss": [(1, 0.5)]}
+    events.write_bytes(data + data[:7])
     assert read_scalars(tmp_path) == {"loss": [(1, 0.5), (2, 0.25)]}
 
     # A flipped byte inside the last record's value fails its checksum.
@@ -380,6 +388,12 @@ CHROMEDRIVER = _find("chromedriver")
 )
 def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
     """report.html opens with no failed or external requests and every image loads."""
+    render_in_chromium(run_dir / "report.html", tmp_path, len(FIGURE_NAMES))
+
+
+def render_in_chromium(page: Path, tmp_path: Path, n_images: int) -> None:
+    """Open ``page`` in headless Chromium: no failed or external requests, all images load,
+    and a full-page screenshot that is not blank."""
     assert CHROMIUM and CHROMEDRIVER, "CI must install chromium + chromium-driver"
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -396,6 +410,8 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        # Containers often give /dev/shm only 64 MB, which crashes the renderer on big pages.
+        "--disable-dev-shm-usage",
         f"--user-data-dir={profile}",
         "--window-size=1280,900",
     ):
@@ -407,7 +423,7 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     try:
         driver.set_page_load_timeout(60)
-        url = (run_dir / "report.html").resolve().as_uri()
+        url = page.resolve().as_uri()
         driver.get(url)
         state = driver.execute_script(
             """
@@ -421,22 +437,28 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
             """
         )
         assert state["ready"] == "complete"
-        assert len(state["images"]) == len(FIGURE_NAMES)
+        assert len(state["images"]) == n_images
         for img in state["images"]:
             assert img["complete"] and img["w"] > 0 and img["h"] > 0 and img["shown"] > 0, img
             assert img["src"].startswith("data:image/png;base64,"), img
         external = [r for r in state["resources"] if not r.startswith("data:")]
         assert external == [], external
 
-        requests, failures = [], []
+        # Only requests made for this page count: at start-up Chromium's own new-tab page
+        # tries (and fails) to reach the network, which says nothing about the report.
+        ours: dict[str, str] = {}
+        failed: list[dict] = []
         for entry in driver.get_log("performance"):
             message = json.loads(entry["message"])["message"]
+            params = message["params"]
             if message["method"] == "Network.requestWillBeSent":
-                requests.append(message["params"]["request"]["url"][:80])
+                if params.get("documentURL") == url:
+                    ours[params["requestId"]] = params["request"]["url"]
             elif message["method"] == "Network.loadingFailed":
-                failures.append(message["params"])
-        assert failures == []
-        assert [r for r in requests if not r.startswith("data:") and r != url] == []
+                failed.append(params)
+        assert url in ours.values(), "the performance log missed the page load"
+        assert [f for f in failed if f["requestId"] in ours] == []
+        assert [u[:80] for u in ours.values() if u != url and not u.startswith("data:")] == []
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == []
 
@@ -451,3 +473,49 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
     saturation = rgb.max(axis=-1) - rgb.min(axis=-1)
     assert (saturation > 60).mean() > 0.01
+
+
+@pytest.mark.skipif(
+    (CHROMIUM is None or CHROMEDRIVER is None) and not os.environ.get("CI"),
+    reason="chromium/chromedriver not installed (run .ci/chromium.sh); CI never skips this",
+)
+def test_a_real_training_run_writes_figures_report_and_tensorboard(tiny_folder, tmp_path):
+    from springfield.cli import main
+
+    workdir = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_folder),
+                "--workdir",
+                str(workdir),
+                "--epochs",
+                "2",
+                "--image-size",
+                "32",
+                "32",
+                "--batch-size",
+                "8",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    for name in (*FIGURE_NAMES, "report.html"):
+        assert (workdir / name).is_file(), name
+    for name in FIGURE_NAMES:
+        assert_png(workdir / name, min_w=100, min_h=100)
+    scalars = read_scalars(workdir / "tensorboard")
+    assert [s for s, _ in scalars["epoch/val_accuracy"]] == [5, 10]
+    assert len(scalars["step/loss"]) >= 1 and "epoch/lr" in scalars
+    page = (workdir / "report.html").read_text(encoding="utf-8")
+    assert "bart_simpson" in page and "jaxlib" in page
+    render_in_chromium(workdir / "report.html", tmp_path, len(FIGURE_NAMES))
+    # `springfield report` regenerates the same set from the checkpoint.
+    for name in FIGURE_NAMES:
+        (workdir / name).unlink()
+    assert main(["report", str(workdir)]) == 0
+    assert all((workdir / name).is_file() for name in FIGURE_NAMES)

@@ -22,11 +22,12 @@ from rich.table import Table
 from springfield.errors import SpringfieldError
 from springfield.runtime import setup_runtime
 
-USAGE = """usage: springfield {train,eval,predict} [--help]
+USAGE = """usage: springfield {train,eval,predict,report} [--help]
 
   train     train a classifier on a folder of images (no --data: built-in Simpsons set)
   eval      evaluate a run folder on its validation split or on --data DIR
   predict   top-k classes for images or folders of images
+  report    regenerate a run's plots and report.html
 
 springfield COMMAND --help explains every flag and its default.
 """
@@ -50,6 +51,23 @@ class EvalArgs:
 
     json: bool = False
     """Print one JSON object instead of tables."""
+
+    report: Path | None = None
+    """Also write confusion.png, mistakes.png and report.html for this evaluation into this folder."""
+
+    allow_import: bool = False
+    """Allow importing the run's custom module:function activation (runs that module)."""
+
+
+@dataclass(frozen=True)
+class ReportArgs:
+    """Regenerate a run folder's figures and report.html from its latest checkpoint."""
+
+    run: Annotated[Path, tyro.conf.Positional]
+    """Run folder written by `springfield train`."""
+
+    batch_size: int = 64
+    """Evaluation batch size."""
 
     allow_import: bool = False
     """Allow importing the run's custom module:function activation (runs that module)."""
@@ -95,51 +113,120 @@ def _train(argv: list[str], console: Console) -> None:
         else:
             rest.append(a)
     cfg = tyro.cli(
-        TrainConfig, args=rest, default=preset_config(preset), prog="springfield train",
+        TrainConfig,
+        args=rest,
+        default=preset_config(preset),
+        prog="springfield train",
         description=(TrainConfig.__doc__ or "") + " Use --preset seed for the original "
         "tutorial's recipe (seed CNN at 160x120, SGD momentum 0.9, lr 0.01, L2 5e-4, 50 epochs);"
         " flags after it still override it.",
     )
-    console.print_json(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                   for k, v in dataclasses.asdict(cfg).items()}))
+    console.print_json(
+        json.dumps(
+            {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+        )
+    )
     train(cfg, console=console)
 
 
-def _eval(argv: list[str], console: Console) -> None:
+def _evaluate(trained, data: Path | None, batch_size: int, console: Console | None):
+    """Exact predictions of ``trained`` on ``data`` (default: the run's validation split)."""
     from springfield.data.prepare import prepare_folder, prepare_splits, resolve_data_root
-    from springfield.evaluate import load_run
     from springfield.training.loop import run_eval
     from springfield.training.metrics import summarise
     from springfield.training.steps import make_eval_step
 
+    cfg = trained.config
+    if data is None:
+        root = resolve_data_root(cfg.data, per_class=cfg.synthetic_per_class, console=None)
+        _, split = prepare_splits(
+            root,
+            image_size=trained.image_size,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+            classes=trained.classes,
+            console=console,
+        )
+    else:
+        root = Path(data)
+        root = root / "val" if (root / "val").is_dir() else root
+        split = prepare_folder(
+            root, image_size=trained.image_size, classes=trained.classes, console=console
+        )
+    predictions = run_eval(
+        make_eval_step(trained.graphdef), trained.params, trained.rest, split, batch_size
+    )
+    result = summarise(*predictions[1:], trained.classes)
+    result["skipped"] = [{"path": p, "reason": r} for p, r in split.index.skipped]
+    return split, predictions, result
+
+
+def _write_report(trained, split, predictions, result, out_dir: Path, *, samples: bool) -> Path:
+    import numpy as np
+
+    from springfield.config import to_json
+    from springfield.report.run import read_history, write_run_report
+
+    sample_batch = None
+    if samples:
+        from springfield.training.loop import augmented_samples
+
+        sample_batch = augmented_samples(trained.config, split)
+    rows, labels, probs, losses = predictions
+    dataset = {
+        "root": str(split.index.root),
+        "classes": trained.classes,
+        "val_counts": split.index.counts(),
+        "skipped": result["skipped"],
+    }
+    dataset_json = trained.run_dir / "dataset.json"
+    if samples and dataset_json.exists():
+        dataset = json.loads(dataset_json.read_text())
+    return write_run_report(
+        out_dir,
+        classes=trained.classes,
+        eval_result=result,
+        images=np.load(split.npy, mmap_mode="r"),
+        rows=rows,
+        labels=labels,
+        probs=probs,
+        losses=losses,
+        samples=sample_batch,
+        history=read_history(trained.run_dir),
+        config=to_json(trained.config),
+        dataset=dataset,
+    )
+
+
+def _eval(argv: list[str], console: Console) -> None:
+    from springfield.evaluate import load_run
+
     args = tyro.cli(EvalArgs, args=argv, prog="springfield eval")
     trained = load_run(args.run, allow_import=args.allow_import)
-    cfg = trained.config
-    quiet = None if args.json else console
-    if args.data is None:
-        root = resolve_data_root(cfg.data, per_class=cfg.synthetic_per_class, console=None)
-        _, split = prepare_splits(root, image_size=trained.image_size,
-                                  val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                  classes=trained.classes, console=quiet)
-    else:
-        root = Path(args.data)
-        root = root / "val" if (root / "val").is_dir() else root
-        split = prepare_folder(root, image_size=trained.image_size, classes=trained.classes,
-                               console=quiet)
-    labels, probs, losses = run_eval(make_eval_step(trained.graphdef), trained.params,
-                                     trained.rest, split, args.batch_size)
-    result = summarise(labels, probs, losses, trained.classes)
-    result["skipped"] = [{"path": p, "reason": r} for p, r in split.index.skipped]
+    split, predictions, result = _evaluate(
+        trained, args.data, args.batch_size, None if args.json else console
+    )
+    if args.report is not None:
+        page = _write_report(trained, split, predictions, result, args.report, samples=False)
+        if not args.json:
+            console.print(f"Report: {page}")
     if args.json:
         print(json.dumps(result))
         return
-    console.print(f"{trained.run_dir} (step {trained.step}) on {split.index.root}: "
-                  f"accuracy [bold]{result['accuracy']:.4f}[/], loss {result['loss']:.4f}, "
-                  f"{result['num_images']} images, {len(result['skipped'])} skipped")
+    console.print(
+        f"{trained.run_dir} (step {trained.step}) on {split.index.root}: "
+        f"accuracy [bold]{result['accuracy']:.4f}[/], loss {result['loss']:.4f}, "
+        f"{result['num_images']} images, {len(result['skipped'])} skipped"
+    )
     table = Table("class", "precision", "recall", "F1", "support")
-    for name, s in result["per_class"].items():
-        table.add_row(name, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
-                      str(s["support"]))
+    for name, sc in result["per_class"].items():
+        table.add_row(
+            name,
+            f"{sc['precision']:.3f}",
+            f"{sc['recall']:.3f}",
+            f"{sc['f1']:.3f}",
+            str(sc["support"]),
+        )
     console.print(table)
     conf = Table("true \\ predicted", *trained.classes, title="confusion matrix")
     for name, row in zip(trained.classes, result["confusion"], strict=True):
@@ -147,13 +234,25 @@ def _eval(argv: list[str], console: Console) -> None:
     console.print(conf)
 
 
+def _report(argv: list[str], console: Console) -> None:
+    from springfield.evaluate import load_run
+
+    args = tyro.cli(ReportArgs, args=argv, prog="springfield report")
+    trained = load_run(args.run, allow_import=args.allow_import)
+    split, predictions, result = _evaluate(trained, None, args.batch_size, console)
+    page = _write_report(trained, split, predictions, result, trained.run_dir, samples=True)
+    console.print(f"Report: {page}")
+
+
 def _expand_images(items: tuple[Path, ...]) -> list[Path]:
     out: list[Path] = []
     for item in items:
         if item.is_dir():
-            out += sorted(p for p in item.rglob("*") if p.is_file()
-                          and not p.name.startswith(".")
-                          and p.suffix.lower() in IMAGE_SUFFIXES)
+            out += sorted(
+                p
+                for p in item.rglob("*")
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+            )
         elif item.exists():
             out.append(item)
         else:
@@ -185,8 +284,11 @@ def _predict(argv: list[str], console: Console) -> None:
                     w.writerow([str(path), r, c, f"{pr:.6f}"])
     for path, top in rows:
         if args.json:
-            print(json.dumps({"path": str(path),
-                              "top": [{"class": c, "probability": pr} for c, pr in top]}))
+            print(
+                json.dumps(
+                    {"path": str(path), "top": [{"class": c, "probability": pr} for c, pr in top]}
+                )
+            )
         else:
             console.print(f"{path}: " + ", ".join(f"{c} {pr:.3f}" for c, pr in top))
     for path, reason in failures:
@@ -196,7 +298,7 @@ def _predict(argv: list[str], console: Console) -> None:
             console.print(f"[yellow]{path}: skipped ({reason})[/]")
 
 
-COMMANDS = {"train": _train, "eval": _eval, "predict": _predict}
+COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

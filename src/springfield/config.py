@@ -23,24 +23,19 @@ class TrainConfig:
     """Train an image classifier on a folder of images (one sub-folder per class)."""
 
     data: Path | None = None
-    """Image folder: <data>/<class>/<image>, or <data>/train/... and <data>/val/... .
-    Left out: the built-in synthetic Simpsons dataset (generated once into the cache)."""
+    """Image folder: <data>/<class>/<image>, or <data>/train/... and <data>/val/... . Left out: the built-in synthetic Simpsons dataset (generated once into the cache)."""
 
     workdir: Path | None = None
-    """Run folder for config, metrics, checkpoints and plots (default runs/<timestamp>).
-    Running train again with the same folder resumes where it stopped."""
+    """Run folder for config, metrics, checkpoints and plots (default runs/<timestamp>). Running train again with the same folder resumes where it stopped."""
 
     model: str = "resnet"
-    """Model name: resnet (small residual CNN, default), resnet-wide, seed (the tutorial's
-    CNN), refcnn (the framework benchmark's CNN)."""
+    """Model name: resnet (small residual CNN, default), resnet-wide, seed (the tutorial's CNN), refcnn (the framework benchmark's CNN)."""
 
     activation: str = "relu"
-    """Activation: relu, gelu, silu, mish, elu, leaky_relu, ... or module:function for
-    your own."""
+    """Activation: relu, gelu, silu, mish, elu, leaky_relu, ... or module:function for your own."""
 
     image_size: tuple[int, int] | None = None
-    """Input height and width in pixels (default: the model's own, e.g. 64 64 for resnet,
-    160 120 for seed). Images are resized to it, aspect ratio not kept."""
+    """Input height and width in pixels (default: the model's own, e.g. 64 64 for resnet, 160 120 for seed). Images are resized to it, aspect ratio not kept."""
 
     epochs: int = 12
     """Passes over the training images."""
@@ -49,29 +44,25 @@ class TrainConfig:
     """Global batch size (split over all devices)."""
 
     optimizer: str = "adamw"
-    """Any optax optimizer by name: sgd, momentum (sgd + 0.9 momentum), nesterov, adam,
-    adamw, lion, rmsprop, adabelief, lamb, ..."""
+    """Any optax optimizer by name: sgd, momentum (sgd + 0.9 momentum), nesterov, adam, adamw, lion, rmsprop, adabelief, lamb, ..."""
 
     lr: float = 3e-3
     """Peak learning rate."""
 
     schedule: Literal["constant", "cosine", "onecycle", "linear"] = "onecycle"
-    """Learning-rate schedule: constant, cosine (warmup then cosine decay), onecycle, or
-    linear decay."""
+    """Learning-rate schedule: constant, cosine (warmup then cosine decay), onecycle, or linear decay."""
 
     warmup_epochs: float = 1.0
     """Warmup length for the cosine and linear schedules."""
 
     weight_decay: float = 5e-4
-    """Weight decay. Decoupled for adamw/lion/lamb (their own); added to the gradient as L2
-    on all parameters for every other optimizer (as in the tutorial and torch.optim)."""
+    """Weight decay. Decoupled for adamw/lion/lamb (their own); added to the gradient as L2 on all parameters for every other optimizer (as in the tutorial and torch.optim)."""
 
     label_smoothing: float = 0.0
     """Label smoothing for the cross-entropy loss (0 = none, 0.1 is common)."""
 
     augment: Literal["none", "flip", "light", "standard"] = "light"
-    """Augmentation in the input workers: none, flip, light (crop 70-100% + flip + mild
-    colour jitter), standard (crop 50-100%, flip, rotation, colour jitter)."""
+    """Augmentation in the input workers: none, flip, light (crop 70-100% + flip + mild colour jitter), standard (crop 50-100%, flip, rotation, colour jitter)."""
 
     val_fraction: float = 0.2
     """Share of each class held out for validation when <data> has no train/val folders."""
@@ -88,6 +79,24 @@ class TrainConfig:
     synthetic_per_class: int = 150
     """Images per class of the built-in dataset (used only without --data)."""
 
+    skip_nonfinite: bool = False
+    """Skip updates whose gradients are NaN/inf instead of stopping the run."""
+
+    cpu_devices: int | None = None
+    """Split the CPU into this many virtual devices for data parallelism (testing multi-device runs on one machine)."""
+
+    distributed: bool = False
+    """Multi-host training: call jax.distributed.initialize() (auto-detects SLURM, Open MPI, TPU pods). Run the same command on every host."""
+
+    coordinator: str | None = None
+    """With --distributed outside a cluster manager: address HOST:PORT of process 0."""
+
+    num_processes: int | None = None
+    """With --distributed outside a cluster manager: number of processes."""
+
+    process_id: int | None = None
+    """With --distributed outside a cluster manager: this process's index (0 writes the logs)."""
+
     tensorboard: bool = True
     """Write TensorBoard event files into the run folder."""
 
@@ -98,8 +107,16 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     # The tutorial's recipe: its network at 160x120, SGD with momentum 0.9, lr 0.01, weight
     # decay 5e-4 as L2 on all parameters, 50 epochs, no augmentation, no schedule.
-    "seed": dict(model="seed", optimizer="momentum", lr=0.01, schedule="constant",
-                 weight_decay=5e-4, epochs=50, batch_size=32, augment="none"),
+    "seed": dict(
+        model="seed",
+        optimizer="momentum",
+        lr=0.01,
+        schedule="constant",
+        weight_decay=5e-4,
+        epochs=50,
+        batch_size=32,
+        augment="none",
+    ),
 }
 
 

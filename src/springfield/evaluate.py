@@ -52,32 +52,47 @@ def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
     run_dir = Path(run_dir).expanduser().absolute()
     cfg_path, classes_path = run_dir / "config.json", run_dir / "classes.json"
     if not cfg_path.exists() or not classes_path.exists():
-        raise SpringfieldError(f"{run_dir}: not a springfield run folder (no config.json / "
-                               "classes.json). Pass the --workdir of a train run.")
+        raise SpringfieldError(
+            f"{run_dir}: not a springfield run folder (no config.json / "
+            "classes.json). Pass the --workdir of a train run."
+        )
     cfg = from_json(json.loads(cfg_path.read_text()))
     classes = json.loads(classes_path.read_text())
     if ":" in cfg.activation and not allow_import:
-        raise SpringfieldError(f"{run_dir} uses the custom activation {cfg.activation!r}; "
-                               "importing it runs that module's code. If you trust it, pass "
-                               "--allow-import.")
+        raise SpringfieldError(
+            f"{run_dir} uses the custom activation {cfg.activation!r}; "
+            "importing it runs that module's code. If you trust it, pass "
+            "--allow-import."
+        )
     manager = checkpoint.open_manager(run_dir)
     step = manager.latest_step()
     if step is None:
-        raise SpringfieldError(f"{run_dir}: no complete checkpoint yet. Train first, or "
-                               f"resume with: springfield train --workdir {run_dir}")
-    model = build_model(cfg.model, len(classes), image_size=tuple(cfg.image_size),
-                        activation=cfg.activation, seed=cfg.seed)
+        raise SpringfieldError(
+            f"{run_dir}: no complete checkpoint yet. Train first, or "
+            f"resume with: springfield train --workdir {run_dir}"
+        )
+    model = build_model(
+        cfg.model,
+        len(classes),
+        image_size=tuple(cfg.image_size),
+        activation=cfg.activation,
+        seed=cfg.seed,
+    )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # The optimizer state is restored too (orbax needs the full tree) and then dropped.
-    tx = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule, lr=cfg.lr, total_steps=2,
-                                                     warmup_steps=0),
-                        weight_decay=cfg.weight_decay)
+    tx = make_optimizer(
+        cfg.optimizer,
+        make_schedule(cfg.schedule, lr=cfg.lr, total_steps=2, warmup_steps=0),
+        weight_decay=cfg.weight_decay,
+    )
     target = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
     try:
         state = checkpoint.restore(manager, step, target)
     except (ValueError, KeyError) as e:
-        raise SpringfieldError(f"{run_dir}: checkpoint {step} does not match its config.json "
-                               f"(model {cfg.model}, {len(classes)} classes): {e}") from None
+        raise SpringfieldError(
+            f"{run_dir}: checkpoint {step} does not match its config.json "
+            f"(model {cfg.model}, {len(classes)} classes): {e}"
+        ) from None
     finally:
         manager.close()
     return TrainedModel(run_dir, cfg, classes, graphdef, state.params, state.rest, step)
@@ -103,8 +118,11 @@ def predict_images(
         # Fixed batch shape: pad, so one compiled step serves every chunk.
         pad = np.zeros((batch_size, h, w, 3), np.uint8)
         pad[:n] = chunk
-        batch = {"image": pad, "label": np.zeros(batch_size, np.int32),
-                 "mask": np.zeros(batch_size, np.float32)}
+        batch = {
+            "image": pad,
+            "label": np.zeros(batch_size, np.int32),
+            "mask": np.zeros(batch_size, np.float32),
+        }
         logits, _ = eval_step(trained.params, trained.rest, batch)
         probs.append(np.asarray(jax.nn.softmax(logits))[:n])
     out = np.concatenate(probs) if probs else np.zeros((0, len(trained.classes)), np.float32)

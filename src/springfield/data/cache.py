@@ -20,17 +20,7 @@ import numpy as np
 from springfield.data.decode import load_rgb
 from springfield.data.index import ImageIndex
 from springfield.errors import BadImageError
-
-
-def cache_root() -> Path:
-    """Where springfield keeps generated data: ``$SPRINGFIELD_CACHE``, else the platform's
-    per-user cache folder."""
-    if env := os.environ.get("SPRINGFIELD_CACHE"):
-        return Path(env).expanduser().resolve()
-    if os.name == "nt" and (local := os.environ.get("LOCALAPPDATA")):
-        return Path(local) / "springfield" / "cache"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "springfield"
+from springfield.paths import cache_root
 
 
 def _fingerprint(index: ImageIndex, size: tuple[int, int]) -> str:

@@ -143,7 +143,7 @@ def probe_image(path: Path) -> tuple[int, int]:
     Raises:
         BadImageError: with a short reason, e.g. ``'empty file'``, ``'not an image (text?)'``,
             ``'truncated or corrupt PNG header'``, ``'too large: 30000x30000 px (limit 89
-            Mpx)'``, ``'permission denied'``, ``'unreadable: Is a directory'``.
+            Mpx)'``, ``'permission denied'``, ``'unreadable: is a directory'``.
     """
     fmt: str | None = None
     try:
@@ -294,8 +294,8 @@ def _decode(im: ImageFile.ImageFile, fmt: str, target: tuple[int, int] | None) -
         orientation = _orientation(im)  # after load(): PNG may keep eXIf after the pixels
     rgb = _to_rgb(im)
     if target is not None:
-        # Resize before transposing: same result, but the transpose then touches only the
-        # small output instead of the full-resolution decode.
+        # Resize before transposing (equivalent, as the filters are symmetric) so that the
+        # transpose touches only the small output, not the full-resolution decode.
         resize_to = _stored_wh(target, orientation)
         if rgb.size != resize_to:
             rgb = rgb.resize(resize_to, _RESAMPLE, reducing_gap=_REDUCING_GAP)
@@ -330,8 +330,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im
     if mode in _SIXTEEN_BIT_MODES:
         # Pillow's convert("L") clips 16-bit values at 255 (all but black turns white), so
-        # rescale: round(v * 255 / 65535). Mode "I" (32-bit) is taken to hold 16-bit data,
-        # which is what Pillow produces for 16-bit PNG/TIFF in older versions.
+        # rescale: round(v * 255 / 65535). Mode "I" (32-bit) is assumed to hold 16-bit data,
+        # as it does when Pillow or a TIFF writer widens 16-bit grayscale to it.
         a = np.asarray(im).astype(np.int64)
         a = (np.clip(a, 0, 65535) * 255 + 32767) // 65535
         return Image.fromarray(a.astype(np.uint8)).convert("RGB")

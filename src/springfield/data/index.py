@@ -79,26 +79,36 @@ def scan_folder(
     """
     root = Path(root).expanduser()
     if not root.exists():
-        raise SpringfieldError(f"--data {root}: folder not found. Point --data at a folder of "
-                               "class sub-folders, or leave it out to use the built-in dataset.")
+        raise SpringfieldError(
+            f"--data {root}: folder not found. Point --data at a folder of "
+            "class sub-folders, or leave it out to use the built-in dataset."
+        )
     if not root.is_dir():
-        raise SpringfieldError(f"--data {root}: not a folder. It must hold one sub-folder per "
-                               "class (e.g. bart_simpson/, homer_simpson/).")
+        raise SpringfieldError(
+            f"--data {root}: not a folder. It must hold one sub-folder per "
+            "class (e.g. bart_simpson/, homer_simpson/)."
+        )
     dirs = _class_dirs(root)
     if not dirs:
-        raise SpringfieldError(f"--data {root}: no class sub-folders found. Put each class's "
-                               "images in its own sub-folder: <root>/<class>/<image>.")
+        raise SpringfieldError(
+            f"--data {root}: no class sub-folders found. Put each class's "
+            "images in its own sub-folder: <root>/<class>/<image>."
+        )
     found = [d.name for d in dirs]
     if classes is None:
         classes = found
         if len(classes) < 2:
-            raise SpringfieldError(f"--data {root}: only one class folder ({found[0]}); a "
-                                   "classifier needs at least two class sub-folders.")
+            raise SpringfieldError(
+                f"--data {root}: only one class folder ({found[0]}); a "
+                "classifier needs at least two class sub-folders."
+            )
     else:
         extra = sorted(set(found) - set(classes))
         if extra:
-            raise SpringfieldError(f"--data {root}: class folder(s) {', '.join(extra)} are not "
-                                   f"among the model's classes ({', '.join(classes)}).")
+            raise SpringfieldError(
+                f"--data {root}: class folder(s) {', '.join(extra)} are not "
+                f"among the model's classes ({', '.join(classes)})."
+            )
     label_of = {c: i for i, c in enumerate(classes)}
     paths: list[str] = []
     labels: list[int] = []
@@ -117,8 +127,9 @@ def scan_folder(
                 probe_image(path)
             except BadImageError as e:
                 if on_bad_image == "fail":
-                    raise SpringfieldError(f"{path}: {e}. Remove the file or pass "
-                                           "--on-bad-image skip.") from None
+                    raise SpringfieldError(
+                        f"{path}: {e}. Remove the file or pass --on-bad-image skip."
+                    ) from None
                 skipped.append((str(path), str(e)))
                 continue
             except OSError as e:
@@ -128,8 +139,10 @@ def scan_folder(
             labels.append(label_of[d.name])
             n_good += 1
         if n_good == 0:
-            raise SpringfieldError(f"--data {root}: class folder {d.name}/ has no readable "
-                                   "image. Add images (JPEG, PNG, ...) or remove the folder.")
+            raise SpringfieldError(
+                f"--data {root}: class folder {d.name}/ has no readable "
+                "image. Add images (JPEG, PNG, ...) or remove the folder."
+            )
     return ImageIndex(root, tuple(classes), tuple(paths), tuple(labels), tuple(skipped))
 
 
@@ -139,8 +152,10 @@ def stratified_split(
     """Seeded split keeping each class's share: ``round(n_c * val_fraction)`` per class go to
     validation (at least one, and at least one left to train)."""
     if not 0.0 < val_fraction < 1.0:
-        raise SpringfieldError(f"--val-fraction {val_fraction}: must be between 0 and 1 "
-                               "(e.g. 0.2), or give <data>/train and <data>/val folders.")
+        raise SpringfieldError(
+            f"--val-fraction {val_fraction}: must be between 0 and 1 "
+            "(e.g. 0.2), or give <data>/train and <data>/val folders."
+        )
     rng = np.random.default_rng(seed)
     labels = np.asarray(index.labels)
     train_rows: list[int] = []
@@ -151,8 +166,10 @@ def stratified_split(
         n_val = int(round(len(rows) * val_fraction))
         n_val = min(max(n_val, 1), len(rows) - 1)
         if len(rows) < 2:
-            raise SpringfieldError(f"class {index.classes[c]}: only {len(rows)} image; need at "
-                                   "least 2 to split off validation. Add images.")
+            raise SpringfieldError(
+                f"class {index.classes[c]}: only {len(rows)} image; need at "
+                "least 2 to split off validation. Add images."
+            )
         val_rows += sorted(rows[:n_val].tolist())
         train_rows += sorted(rows[n_val:].tolist())
     return index.subset(train_rows), index.subset(val_rows)

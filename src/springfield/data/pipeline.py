@@ -1,6 +1,7 @@
 """grain pipelines: decoded images -> shuffle -> augment -> batch -> prefetch (worker processes).
 
-Every element is a dict ``{"image": uint8 (H, W, 3), "label": int32, "mask": float32}``. Images
+Every element is a dict ``{"image": uint8 (H, W, 3), "label": int32, "mask": float32,
+"index": int32}`` (``index`` is the row in the decoded array, -1 for padding). Images
 stay uint8 until they reach the device: four times fewer bytes to copy, and the jitted step
 normalises them for free.
 
@@ -47,10 +48,19 @@ class ArraySource:
         if self._images is None:
             self._images = np.load(self.npy, mmap_mode="r")
         if i < self.n:
-            return {"image": np.asarray(self._images[i]), "label": self.labels[i],
-                    "mask": np.float32(1.0)}
+            return {
+                "image": np.asarray(self._images[i]),
+                "label": self.labels[i],
+                "mask": np.float32(1.0),
+                "index": np.int32(i),
+            }
         shape = self._images.shape[1:]
-        return {"image": np.zeros(shape, np.uint8), "label": np.int32(0), "mask": np.float32(0.0)}
+        return {
+            "image": np.zeros(shape, np.uint8),
+            "label": np.int32(0),
+            "mask": np.float32(0.0),
+            "index": np.int32(-1),
+        }
 
 
 def train_dataset(

@@ -41,8 +41,13 @@ def decode_split(
 ) -> Split:
     """Decode ``index`` once (cached on disk) with a progress bar."""
     with Progress(
-        TextColumn(f"decoding {label} images"), BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), console=console, transient=True, disable=console is None,
+        TextColumn(f"decoding {label} images"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=console is None,
     ) as bar:
         task = bar.add_task(label, total=len(index))
         npy, kept = decode_index(index, image_size, on_progress=lambda k: bar.advance(task, k))

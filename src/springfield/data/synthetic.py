@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from springfield.paths import cache_root
 
 __all__ = [
     "CLASSES",
@@ -505,19 +506,6 @@ def write_dataset(
     return root
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("SPRINGFIELD_CACHE")
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA")
-        return (Path(base) if base else Path.home() / "AppData" / "Local") / "springfield" / "Cache"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "springfield"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "springfield"
-
-
 def default_dataset_dir(seed: int = 0, per_class: int = 150) -> Path:
     """Cache location of the default synthetic dataset.
 
@@ -526,7 +514,7 @@ def default_dataset_dir(seed: int = 0, per_class: int = 150) -> Path:
     ``%LOCALAPPDATA%\\springfield\\Cache`` on Windows), joined with
     ``synthetic-v1-seed{seed}-n{per_class}``.
     """
-    return _cache_root() / f"synthetic-{_VERSION}-seed{seed}-n{per_class}"
+    return cache_root() / f"synthetic-{_VERSION}-seed{seed}-n{per_class}"
 
 
 def _is_complete(path: Path) -> bool:

@@ -29,22 +29,26 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "resnet": ModelSpec(
         lambda n, size, act, rngs: ResNet(n, act=act, rngs=rngs),
-        (64, 64), ResNet.min_size,
+        (64, 64),
+        ResNet.min_size,
         "small residual CNN with BatchNorm and global pooling (default)",
     ),
     "resnet-wide": ModelSpec(
         lambda n, size, act, rngs: ResNet(n, act=act, rngs=rngs, widths=(48, 96, 192), depth=2),
-        (112, 112), ResNet.min_size,
+        (112, 112),
+        ResNet.min_size,
         "wider, deeper residual CNN for real photos",
     ),
     "seed": ModelSpec(
         lambda n, size, act, rngs: SeedCNN(n, image_size=size, act=act, rngs=rngs),
-        (160, 120), SeedCNN.min_size,
+        (160, 120),
+        SeedCNN.min_size,
         "the original tutorial CNN (326,452 parameters for 4 classes)",
     ),
     "refcnn": ModelSpec(
         lambda n, size, act, rngs: RefCNN(n, image_size=size, act=act, rngs=rngs),
-        (64, 64), RefCNN.min_size,
+        (64, 64),
+        RefCNN.min_size,
         "the framework benchmark's reference CNN",
     ),
 }
@@ -60,6 +64,19 @@ def model_spec(name: str) -> ModelSpec:
         ) from None
 
 
+def check_image_size(name: str, image_size: tuple[int, int]) -> ModelSpec:
+    """The spec of model ``name`` after checking that ``image_size`` is large enough for it."""
+    spec = model_spec(name)
+    h, w = image_size
+    if min(h, w) < spec.min_size:
+        raise SpringfieldError(
+            f"--image-size {h} {w}: too small for model {name!r}, which needs at least "
+            f"{spec.min_size}x{spec.min_size} px (its default is "
+            f"{spec.image_size[0]} {spec.image_size[1]})."
+        )
+    return spec
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -69,14 +86,8 @@ def build_model(
     seed: int = 0,
 ) -> nnx.Module:
     """Build model ``name`` for ``num_classes`` classes and inputs of ``image_size``."""
-    spec = model_spec(name)
+    spec = check_image_size(name, image_size)
     h, w = image_size
-    if min(h, w) < spec.min_size:
-        raise SpringfieldError(
-            f"--image-size {h} {w}: too small for model {name!r}, which needs at least "
-            f"{spec.min_size}x{spec.min_size} px (its default is "
-            f"{spec.image_size[0]} {spec.image_size[1]})."
-        )
     return spec.build(num_classes, (h, w), get_activation(activation), nnx.Rngs(params=seed))
 
 
@@ -85,4 +96,4 @@ def count_params(model: nnx.Module) -> int:
     return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-__all__ = ["ACTIVATIONS", "MODELS", "build_model", "count_params", "model_spec"]
+__all__ = ["ACTIVATIONS", "MODELS", "build_model", "check_image_size", "count_params", "model_spec"]

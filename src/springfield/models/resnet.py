@@ -31,8 +31,9 @@ class BasicBlock(nnx.Module):
         self, cin: int, cout: int, stride: int, *, act: Activation, rngs: nnx.Rngs
     ) -> None:
         self.act = act
-        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding="SAME",
-                              use_bias=False, rngs=rngs)
+        self.conv1 = nnx.Conv(
+            cin, cout, (3, 3), strides=stride, padding="SAME", use_bias=False, rngs=rngs
+        )
         self.bn1 = _bn(cout, rngs)
         self.conv2 = nnx.Conv(cout, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
         self.bn2 = _bn(cout, rngs)
@@ -66,8 +67,9 @@ class ResNet(nnx.Module):
         dropout: float = 0.0,
     ) -> None:
         self.act = act
-        self.stem = nnx.Conv(3, widths[0], (3, 3), strides=2, padding="SAME",
-                             use_bias=False, rngs=rngs)
+        self.stem = nnx.Conv(
+            3, widths[0], (3, 3), strides=2, padding="SAME", use_bias=False, rngs=rngs
+        )
         self.stem_bn = _bn(widths[0], rngs)
         blocks = []
         cin = widths[0]

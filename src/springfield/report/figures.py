@@ -145,6 +145,13 @@ def plot_curves(history: Sequence[Mapping[str, object]], path: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
     ax_acc.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+    acc = [y for line in ax_acc.lines for y in line.get_ydata()]
+    if acc and max(acc) - min(acc) < 0.1:
+        # A flat or single-epoch accuracy would zoom in on a sliver of a percent (ticks all
+        # reading "20%"); show at least ten points of range instead.
+        mid = (max(acc) + min(acc)) / 2
+        lo = min(max(mid - 0.05, 0.0), 0.9)
+        ax_acc.set_ylim(lo - 0.005, lo + 0.105)
     ax_loss.set_ylabel("loss")
     ax_acc.set_ylabel("accuracy")
 
@@ -160,23 +167,25 @@ def plot_curves(history: Sequence[Mapping[str, object]], path: Path) -> Path:
         # Log scale once the schedule spans more than a decade, or warmup/decay is a flat line.
         if positive and len(positive) == len(lr_y) and max(positive) / min(positive) > 10:
             ax_lr.set_yscale("log")
+        else:
+            ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3), useOffset=False)
         ax_lr.set_ylabel("learning rate", color=_LR_COLOUR)
-        ax_lr.tick_params(axis="y", colors=_LR_COLOUR, labelsize=8)
-        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3), useOffset=False)
+        ax_lr.tick_params(axis="y", which="both", colors=_LR_COLOUR, labelsize=8)
 
     handles, labels = ax_loss.get_legend_handles_labels()
     handles += lr_handles
     labels += [h.get_label() for h in lr_handles]
     if handles:
-        ax_loss.legend(handles, labels, loc="upper right", fontsize=9, framealpha=0.8)
+        ax_loss.legend(handles, labels, loc="best", fontsize=9, framealpha=0.8)
     if ax_acc.get_legend_handles_labels()[0]:
-        ax_acc.legend(loc="lower right", fontsize=9, framealpha=0.8)
+        ax_acc.legend(loc="best", fontsize=9, framealpha=0.8)
 
     # A single epoch gives the x-axis zero width; pad it so the point sits in the middle.
-    epochs = [x for x in _series(history, "epoch")[0]] or [1]
-    if min(epochs) == max(epochs):
+    epochs = {x for line in ax_loss.lines + ax_acc.lines for x in line.get_xdata()}
+    if len(epochs) == 1:
+        (only,) = epochs
         for ax in (ax_loss, ax_acc):
-            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+            ax.set_xlim(only - 1, only + 1)
 
     last = history[-1]
     summary = [f"{n_epochs} epoch{'s' if n_epochs != 1 else ''}"]

@@ -128,8 +128,8 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     """Read the scalar summaries that tensorboardX wrote under ``logdir``.
 
     Args:
-        logdir: the folder passed to ``SummaryWriter`` (searched recursively, so sub-writers'
-            folders are included).
+        logdir: the folder passed to ``SummaryWriter``. It is searched recursively; tags
+            from files in a sub-folder come back as ``"<sub-folder>/<tag>"``.
 
     Returns:
         ``{tag: [(step, value), ...]}`` with each list sorted by step (stable, so a step logged
@@ -148,6 +148,10 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
         )
     scalars: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for path in _event_files(logdir):
+        # Files in sub-folders belong to other "runs" (add_scalars writes logdir/<tag>/<key>/
+        # with the same tag in each); prefixing the folder keeps those series apart.
+        sub = path.parent.relative_to(logdir).as_posix()
+        prefix = "" if sub == "." else f"{sub}/"
         for pos, payload, stored in _records(path):
             event = _parse(path, pos, payload)
             if not event.HasField("summary"):
@@ -163,7 +167,7 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
             # pure-Python CRC costs ~0.1 s per MB, so only records we return are verified.
             _check_crc(path, pos, payload, stored)
             for tag, scalar in found:
-                scalars[tag].append((int(event.step), scalar))
+                scalars[prefix + tag].append((int(event.step), scalar))
     return {tag: sorted(points, key=lambda p: p[0]) for tag, points in scalars.items()}
 
 

@@ -28,8 +28,9 @@ def open_manager(workdir: Path, *, max_to_keep: int = 2) -> ocp.CheckpointManage
     try:
         return ocp.CheckpointManager(directory, options=options)
     except OSError as e:
-        raise SpringfieldError(f"--workdir {workdir}: cannot create checkpoints there ({e}). "
-                               "Choose a writable folder.") from None
+        raise SpringfieldError(
+            f"--workdir {workdir}: cannot create checkpoints there ({e}). Choose a writable folder."
+        ) from None
 
 
 def save(
@@ -46,9 +47,11 @@ def save(
     try:
         manager.save(step, args=ocp.args.Composite(**items), force=True)
     except OSError as e:
-        raise SpringfieldError(f"cannot write checkpoint {step} to {manager.directory} ({e}); "
-                               "the previous checkpoints are intact. Free disk space and "
-                               "run the same command again to resume.") from None
+        raise SpringfieldError(
+            f"cannot write checkpoint {step} to {manager.directory} ({e}); "
+            "the previous checkpoints are intact. Free disk space and "
+            "run the same command again to resume."
+        ) from None
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:

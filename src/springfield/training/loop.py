@@ -2,7 +2,8 @@
 
 Read top to bottom, this is the whole of training. Resuming is the same code path: if the run
 folder holds a checkpoint, the state and the data iterator are restored from it and the loop
-continues at the next step.
+continues at the next step. With several processes, every process runs this same code on its
+own shard of the data; only process 0 writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -25,19 +27,34 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from springfield import parallel
 from springfield.config import TrainConfig, save_json, to_json
 from springfield.data.pipeline import eval_dataset, to_iterator, train_dataset
 from springfield.data.prepare import Split, prepare_splits, resolve_data_root
 from springfield.errors import SpringfieldError
-from springfield.models import build_model, count_params, model_spec
+from springfield.models import build_model, check_image_size, count_params, model_spec
+from springfield.models.activations import get_activation
 from springfield.training import checkpoint
 from springfield.training.metrics import summarise
 from springfield.training.optim import make_optimizer, make_schedule
 from springfield.training.steps import init_state, make_eval_step, make_train_step
 
 # Settings that must match between a run folder and a resumed run.
-_MUST_MATCH = ("model", "activation", "image_size", "workers", "batch_size", "seed",
-               "epochs", "optimizer", "lr", "schedule", "augment", "data")
+_MUST_MATCH = (
+    "model",
+    "activation",
+    "image_size",
+    "workers",
+    "batch_size",
+    "seed",
+    "epochs",
+    "optimizer",
+    "lr",
+    "schedule",
+    "augment",
+    "data",
+    "skip_nonfinite",
+)
 
 
 def default_workdir() -> Path:
@@ -45,31 +62,64 @@ def default_workdir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def run_eval(eval_step, params, rest, split: Split, batch_size: int) -> tuple[np.ndarray, ...]:
-    """Exact batched evaluation: ``(labels, probs, losses)`` with one row per image.
+def run_eval(
+    eval_step, params, rest, split: Split, batch_size: int, mesh=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Exact batched evaluation: ``(rows, labels, probs, losses)``, one entry per image;
+    ``rows`` are the images' rows in ``split.npy``.
 
     The last batch is padded to the fixed batch shape and the padding dropped by its mask,
-    so every image counts exactly once and the step never recompiles.
+    so every image counts exactly once and the step never recompiles. With several
+    processes each evaluates its own slice and the results are gathered on every host.
     """
-    probs, losses, labels = [], [], []
-    for batch in to_iterator(eval_dataset(split.npy, split.labels, batch_size=batch_size),
-                             workers=0):
+    mesh = mesh or parallel.make_mesh()
+    local = parallel.local_batch_size(batch_size, mesh)
+    ds = eval_dataset(
+        split.npy,
+        split.labels,
+        batch_size=local,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    rows, probs, losses, labels = [], [], [], []
+    for batch in to_iterator(ds, workers=0):
+        batch = parallel.shard_batch(batch, mesh)
+        rows.append(parallel.to_host(batch["index"])[parallel.to_host(batch["mask"]) > 0])
         logits, loss = eval_step(params, rest, batch)
-        keep = batch["mask"] > 0
-        probs.append(np.asarray(jax.nn.softmax(logits))[keep])
-        losses.append(np.asarray(loss)[keep])
-        labels.append(batch["label"][keep])
-    return np.concatenate(labels), np.concatenate(probs), np.concatenate(losses)
+        keep = parallel.to_host(batch["mask"]) > 0
+        probs.append(parallel.to_host(jax.nn.softmax(logits))[keep])
+        losses.append(parallel.to_host(loss)[keep])
+        labels.append(parallel.to_host(batch["label"])[keep])
+    return tuple(np.concatenate(x) for x in (rows, labels, probs, losses))
 
 
-def _check_resume(workdir: Path, cfg: TrainConfig, classes: list[str]) -> None:
+def augmented_samples(cfg: TrainConfig, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """The first training batch exactly as the model sees it (after augmentation)."""
+    ds = train_dataset(
+        split.npy,
+        split.labels,
+        batch_size=min(cfg.batch_size, len(split.index)),
+        epochs=1,
+        seed=cfg.seed,
+        augment=cfg.augment,
+    )
+    batch = next(to_iterator(ds, workers=0))
+    return batch["image"], batch["label"]
+
+
+def _check_resume(workdir: Path, cfg: TrainConfig, classes: list[str], meta: dict) -> None:
     old_cfg = json.loads((workdir / "config.json").read_text())
     new_cfg = to_json(cfg)
-    diffs = [f"--{k.replace('_', '-')} {old_cfg.get(k)} (run) vs {new_cfg.get(k)} (now)"
-             for k in _MUST_MATCH if old_cfg.get(k) != new_cfg.get(k)]
+    diffs = [
+        f"--{k.replace('_', '-')} {old_cfg.get(k)} (run) vs {new_cfg.get(k)} (now)"
+        for k in _MUST_MATCH
+        if old_cfg.get(k) != new_cfg.get(k)
+    ]
     old_classes = json.loads((workdir / "classes.json").read_text())
     if old_classes != classes:
         diffs.append(f"classes {old_classes} (run) vs {classes} (now)")
+    if meta.get("processes", 1) != jax.process_count():
+        diffs.append(f"{meta.get('processes')} processes (run) vs {jax.process_count()} (now)")
     if diffs:
         raise SpringfieldError(
             f"--workdir {workdir} holds a run with other settings: {'; '.join(diffs)}. "
@@ -80,15 +130,16 @@ def _check_resume(workdir: Path, cfg: TrainConfig, classes: list[str]) -> None:
 def _write_dataset_record(workdir: Path, root: Path, train: Split, val: Split) -> None:
     skipped = sorted(set(train.index.skipped) | set(val.index.skipped))
     (workdir / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in skipped))
-    save_json({"root": str(root), "classes": list(train.index.classes),
-               "train_counts": train.index.counts(), "val_counts": val.index.counts(),
-               "skipped": [{"path": p, "reason": r} for p, r in skipped]},
-              workdir / "dataset.json")
-
-
-def _append_metrics(workdir: Path, row: dict) -> None:
-    with open(workdir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    save_json(
+        {
+            "root": str(root),
+            "classes": list(train.index.classes),
+            "train_counts": train.index.counts(),
+            "val_counts": val.index.counts(),
+            "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        },
+        workdir / "dataset.json",
+    )
 
 
 def _truncate_metrics(workdir: Path, last_epoch: int) -> None:
@@ -101,120 +152,196 @@ def _truncate_metrics(workdir: Path, last_epoch: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def _check_finite(loss: float, step: int, workdir: Path, lr: float) -> None:
+    if not np.isfinite(loss):
+        raise SpringfieldError(
+            f"loss became {loss} at step {step}; training stopped and the last good checkpoint "
+            f"in {workdir / 'checkpoints'} is kept. Lower --lr (now {lr:g}), or pass "
+            "--skip-nonfinite to skip such updates."
+        )
+
+
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     """Train (or resume) the run described by ``cfg``; returns the run folder."""
     console = console or Console()
+    if cfg.distributed:
+        parallel.init_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    is_main = jax.process_index() == 0
+    say = console if is_main else None
     workdir = Path(cfg.workdir or default_workdir()).absolute()
-    cfg = replace(cfg, workdir=workdir)
-    spec = model_spec(cfg.model)
-    image_size = tuple(cfg.image_size or spec.image_size)
-    cfg = replace(cfg, image_size=image_size)
+    image_size = tuple(cfg.image_size or model_spec(cfg.model).image_size)
+    cfg = replace(cfg, workdir=workdir, image_size=image_size)
+    # Refuse bad names and sizes before minutes of data preparation, not after.
+    check_image_size(cfg.model, image_size)
+    get_activation(cfg.activation)
+    make_optimizer(cfg.optimizer, optax.constant_schedule(cfg.lr))
+    mesh = parallel.make_mesh()
+    local_batch = parallel.local_batch_size(cfg.batch_size, mesh)
 
     # Data: folder -> index -> split -> decoded once.
-    root = resolve_data_root(cfg.data, per_class=cfg.synthetic_per_class, console=console)
+    root = resolve_data_root(cfg.data, per_class=cfg.synthetic_per_class, console=say)
     train_split, val_split = prepare_splits(
-        root, image_size=image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
-        on_bad_image=cfg.on_bad_image, console=console,
+        root,
+        image_size=image_size,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        on_bad_image=cfg.on_bad_image,
+        console=say,
     )
     classes = list(train_split.index.classes)
     n_train = len(train_split.index)
     steps_per_epoch = n_train // cfg.batch_size
     if steps_per_epoch == 0:
-        raise SpringfieldError(f"--batch-size {cfg.batch_size}: larger than the {n_train} "
-                               "training images; use a smaller batch size.")
+        raise SpringfieldError(
+            f"--batch-size {cfg.batch_size}: larger than the {n_train} "
+            "training images; use a smaller batch size."
+        )
     total_steps = steps_per_epoch * cfg.epochs
 
-    # Model, optimizer, steps.
-    model = build_model(cfg.model, len(classes), image_size=image_size,
-                        activation=cfg.activation, seed=cfg.seed)
-    schedule = make_schedule(cfg.schedule, lr=cfg.lr, total_steps=total_steps,
-                             warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
+    # Model, optimizer, steps; state replicated over the mesh.
+    model = build_model(
+        cfg.model, len(classes), image_size=image_size, activation=cfg.activation, seed=cfg.seed
+    )
+    schedule = make_schedule(
+        cfg.schedule,
+        lr=cfg.lr,
+        total_steps=total_steps,
+        warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
+    )
     tx = make_optimizer(cfg.optimizer, schedule, weight_decay=cfg.weight_decay)
+    if cfg.skip_nonfinite:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
     graphdef, state = init_state(model, tx)
+    state = parallel.replicate(state, mesh)
     train_step = make_train_step(graphdef, tx, label_smoothing=cfg.label_smoothing)
     eval_step = make_eval_step(graphdef)
     key = jax.random.key(cfg.seed)
 
     data_iter = to_iterator(
-        train_dataset(train_split.npy, train_split.labels, batch_size=cfg.batch_size,
-                      epochs=cfg.epochs, seed=cfg.seed, augment=cfg.augment),
+        train_dataset(
+            train_split.npy,
+            train_split.labels,
+            batch_size=local_batch,
+            epochs=cfg.epochs,
+            seed=cfg.seed,
+            augment=cfg.augment,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        ),
         workers=cfg.workers,
     )
 
     # Run folder: new, or resume from its latest complete checkpoint.
     workdir.mkdir(parents=True, exist_ok=True)
     manager = checkpoint.open_manager(workdir)
-    start_step = 0
-    if manager.latest_step() is not None:
-        _check_resume(workdir, cfg, classes)
-        start_step = manager.latest_step()
+    start_step = manager.latest_step() or 0
+    if start_step:
+        _check_resume(workdir, cfg, classes, checkpoint.read_meta(manager, start_step))
         state = checkpoint.restore(manager, start_step, state, data_iter)
-        _truncate_metrics(workdir, start_step // steps_per_epoch)
-        console.print(f"Resuming {workdir} at step {start_step}/{total_steps}.")
-    else:
+        if is_main:
+            _truncate_metrics(workdir, start_step // steps_per_epoch)
+            console.print(f"Resuming {workdir} at step {start_step}/{total_steps}.")
+    elif is_main:
         (workdir / "metrics.jsonl").unlink(missing_ok=True)
-    save_json(to_json(cfg), workdir / "config.json")
-    save_json(classes, workdir / "classes.json")
-    _write_dataset_record(workdir, root, train_split, val_split)
-    skipped = len(train_split.index.skipped)
-    console.print(
-        f"[bold]{cfg.model}[/] ({count_params(model):,} parameters) on {n_train} train / "
-        f"{len(val_split.index)} val images of {len(classes)} classes at "
-        f"{image_size[0]}x{image_size[1]}; {cfg.epochs} epochs x {steps_per_epoch} steps. "
-        f"Skipped {skipped} file(s)" + (f" (see {workdir / 'skipped.txt'})." if skipped else ".")
-    )
+    if is_main:
+        save_json(to_json(cfg), workdir / "config.json")
+        save_json(classes, workdir / "classes.json")
+        _write_dataset_record(workdir, root, train_split, val_split)
+        skipped = len(train_split.index.skipped)
+        console.print(
+            f"[bold]{cfg.model}[/] ({count_params(model):,} parameters) on {n_train} train / "
+            f"{len(val_split.index)} val images of {len(classes)} classes at "
+            f"{image_size[0]}x{image_size[1]}; {cfg.epochs} epochs x {steps_per_epoch} steps "
+            f"on {jax.device_count()} device(s). Skipped {skipped} file(s)"
+            + (f" (see {workdir / 'skipped.txt'})." if skipped else ".")
+        )
 
     def meta(step: int) -> dict:
-        return {"step": step, "epoch": step // steps_per_epoch, "classes": classes,
-                "model": cfg.model, "image_size": list(image_size), "workers": cfg.workers}
+        return {
+            "step": step,
+            "epoch": step // steps_per_epoch,
+            "classes": classes,
+            "model": cfg.model,
+            "image_size": list(image_size),
+            "workers": cfg.workers,
+            "processes": jax.process_count(),
+        }
 
+    writer = None
+    if cfg.tensorboard and is_main:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(str(workdir / "tensorboard"))
     progress = Progress(
-        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
-        MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=console, transient=True,
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not is_main,
     )
     step = start_step
     try:
         with progress:
-            task = progress.add_task("train", total=total_steps, completed=step, epoch=1,
-                                     epochs=cfg.epochs, loss="-")
+            task = progress.add_task(
+                "train", total=total_steps, completed=step, epoch=1, epochs=cfg.epochs, loss="-"
+            )
             while step < total_steps:
                 epoch = step // steps_per_epoch + 1
                 progress.update(task, epoch=epoch)
-                t_epoch = time.perf_counter()
-                wait = 0.0
-                sums = []
-                first = step
+                t_epoch, wait, first, sums = time.perf_counter(), 0.0, step, []
                 for _ in range(epoch * steps_per_epoch - step):
                     t0 = time.perf_counter()
                     batch = next(data_iter)
                     wait += time.perf_counter() - t0
-                    state, m = train_step(state, batch, key)
+                    state, m = train_step(state, parallel.shard_batch(batch, mesh), key)
                     sums.append(m)
                     step += 1
                     if step % 10 == 0 or step == epoch * steps_per_epoch:
-                        progress.update(task, completed=step, loss=f"{float(m['loss_sum']) / max(float(m['count']), 1):.3f}")
+                        # Reading the loss syncs with the device: only every 10 steps.
+                        loss = float(m["loss_sum"]) / max(float(m["count"]), 1.0)
+                        if not cfg.skip_nonfinite:
+                            _check_finite(loss, step, workdir, float(schedule(step - 1)))
+                        progress.update(task, completed=step, loss=f"{loss:.3f}")
+                        if writer is not None:
+                            writer.add_scalar("step/loss", loss, step)
+                            writer.add_scalar("step/lr", float(schedule(step - 1)), step)
                 tot = jax.tree.map(lambda *xs: float(np.sum(xs)), *sums)
                 seconds = time.perf_counter() - t_epoch
-                labels, probs, losses = run_eval(eval_step, state.params, state.rest,
-                                                 val_split, cfg.batch_size)
+                if not cfg.skip_nonfinite:
+                    _check_finite(tot["loss_sum"], step, workdir, float(schedule(step - 1)))
+                _, labels, probs, losses = run_eval(
+                    eval_step, state.params, state.rest, val_split, cfg.batch_size, mesh
+                )
                 val = summarise(labels, probs, losses, classes)
                 checkpoint.save(manager, step, state, meta(step), data_iter)
                 row = {
-                    "epoch": epoch, "step": step, "lr": float(schedule(step - 1)),
+                    "epoch": epoch,
+                    "step": step,
+                    "lr": float(schedule(step - 1)),
                     "train_loss": tot["loss_sum"] / tot["count"],
                     "train_accuracy": tot["correct"] / tot["count"],
-                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                    "val_loss": val["loss"],
+                    "val_accuracy": val["accuracy"],
                     "train_img_s": (step - first) * cfg.batch_size / seconds,
-                    "epoch_seconds": seconds, "input_wait_fraction": wait / seconds,
+                    "epoch_seconds": seconds,
+                    "input_wait_fraction": wait / seconds,
                 }
-                _append_metrics(workdir, row)
-                progress.console.print(
-                    f"epoch {epoch:>3}  train loss {row['train_loss']:.4f} acc "
-                    f"{row['train_accuracy']:.3f}  val loss {val['loss']:.4f} acc "
-                    f"{val['accuracy']:.3f}  {row['train_img_s']:.0f} img/s  "
-                    f"input wait {row['input_wait_fraction']:.0%}"
-                )
+                if is_main:
+                    with open(workdir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    if writer is not None:
+                        for k, v in row.items():
+                            writer.add_scalar(f"epoch/{k}", v, step)
+                    progress.console.print(
+                        f"epoch {epoch:>3}  train loss {row['train_loss']:.4f} acc "
+                        f"{row['train_accuracy']:.3f}  val loss {val['loss']:.4f} acc "
+                        f"{val['accuracy']:.3f}  {row['train_img_s']:.0f} img/s  "
+                        f"input wait {row['input_wait_fraction']:.0%}"
+                    )
     except KeyboardInterrupt:
         manager.wait_until_finished()
         if step != manager.latest_step():
@@ -222,27 +349,54 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         manager.wait_until_finished()
         manager.close()
         raise SpringfieldError(
-            f"interrupted at step {step}; checkpoint saved. Resume with: springfield train "
-            f"--workdir {workdir} (and the same other flags)."
+            f"interrupted at step {step}; checkpoint saved. Resume with the same command "
+            f"(springfield train --workdir {workdir} ...)."
         ) from None
+    finally:
+        if writer is not None:
+            writer.flush()
     manager.wait_until_finished()
     manager.close()
-    _close(data_iter)
 
-    labels, probs, losses = run_eval(eval_step, state.params, state.rest, val_split,
-                                     cfg.batch_size)
+    rows, labels, probs, losses = run_eval(
+        eval_step, state.params, state.rest, val_split, cfg.batch_size, mesh
+    )
     final = summarise(labels, probs, losses, classes)
-    save_json(final, workdir / "eval.json")
-    console.print(f"Done: validation accuracy {final['accuracy']:.3f} on "
-                  f"{final['num_images']} images. Run folder: {workdir}")
+    if is_main:
+        save_json(final, workdir / "eval.json")
+        if cfg.report:
+            _write_report(
+                cfg, workdir, train_split, val_split, final, (rows, labels, probs, losses), console
+            )
+        if writer is not None:
+            from springfield.report.tensorboard import log_figures
+
+            log_figures(writer, workdir, step)
+            writer.close()
+        console.print(
+            f"Done: validation accuracy {final['accuracy']:.3f} on "
+            f"{final['num_images']} images. Run folder: {workdir}"
+        )
     return workdir
 
 
-def _close(it) -> None:
-    # Multiprocess iterators leave shared-memory warnings at exit unless closed.
-    close = getattr(it, "close", None)
-    if callable(close):
-        close()
+def _write_report(cfg, workdir, train_split, val_split, final, predictions, console) -> None:
+    from springfield.report.run import read_history, write_run_report
 
-
-__all__ = ["train", "run_eval", "default_workdir"]
+    t0 = time.perf_counter()
+    rows, labels, probs, losses = predictions
+    write_run_report(
+        workdir,
+        classes=list(train_split.index.classes),
+        eval_result=final,
+        images=np.load(val_split.npy, mmap_mode="r"),
+        rows=rows,
+        labels=labels,
+        probs=probs,
+        losses=losses,
+        samples=augmented_samples(cfg, train_split),
+        history=read_history(workdir),
+        config=to_json(cfg),
+        dataset=json.loads((workdir / "dataset.json").read_text()),
+    )
+    console.print(f"Report: {workdir / 'report.html'} ({time.perf_counter() - t0:.1f} s)")

@@ -26,8 +26,12 @@ def per_class_scores(confusion: np.ndarray, classes: list[str]) -> dict[str, dic
         p = tp[i] / predicted[i] if predicted[i] else 0.0
         r = tp[i] / support[i] if support[i] else 0.0
         f1 = 2 * p * r / (p + r) if p + r else 0.0
-        out[name] = {"precision": float(p), "recall": float(r), "f1": float(f1),
-                     "support": int(support[i])}
+        out[name] = {
+            "precision": float(p),
+            "recall": float(r),
+            "f1": float(f1),
+            "support": int(support[i]),
+        }
     return out
 
 

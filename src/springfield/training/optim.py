@@ -24,16 +24,16 @@ def _optax_names() -> list[str]:
             continue
         params = inspect.signature(fn).parameters
         if "learning_rate" in params and fn.__annotations__.get("return") in (
-            "base.GradientTransformationExtraArgs", "base.GradientTransformation",
-            optax.GradientTransformationExtraArgs, optax.GradientTransformation,
+            "base.GradientTransformationExtraArgs",
+            "base.GradientTransformation",
+            optax.GradientTransformationExtraArgs,
+            optax.GradientTransformation,
         ):
             names.append(name)
     return sorted(names)
 
 
-def make_schedule(
-    name: str, *, lr: float, total_steps: int, warmup_steps: int
-) -> optax.Schedule:
+def make_schedule(name: str, *, lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
     """Learning rate as a function of the step."""
     total_steps = max(1, total_steps)
     warmup_steps = min(max(0, warmup_steps), total_steps - 1)
@@ -45,8 +45,10 @@ def make_schedule(
         return optax.cosine_onecycle_schedule(total_steps, lr)
     if name == "linear":
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup_steps),
-             optax.linear_schedule(lr, 0.0, total_steps - warmup_steps)],
+            [
+                optax.linear_schedule(0.0, lr, warmup_steps),
+                optax.linear_schedule(lr, 0.0, total_steps - warmup_steps),
+            ],
             [warmup_steps],
         )
     raise SpringfieldError(

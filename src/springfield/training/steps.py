@@ -44,7 +44,9 @@ def _losses(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0):
+def make_train_step(
+    graphdef: Any, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0
+):
     """``train_step(state, batch, key) -> (state, metrics)``.
 
     ``batch`` holds ``image`` (uint8 NHWC), ``label`` and ``mask``; ``metrics`` holds the

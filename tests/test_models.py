@@ -1,0 +1,94 @@
+"""Models, activations and optimizers: shapes, parameter counts, registries, errors."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from springfield.errors import SpringfieldError
+from springfield.models import MODELS, build_model, count_params
+from springfield.models.activations import get_activation
+from springfield.training.optim import make_optimizer, make_schedule
+
+
+def test_seed_model_is_the_tutorial_network():
+    model = build_model("seed", 4, image_size=(160, 120))
+    assert count_params(model) == 326_452
+    x = jnp.zeros((2, 160, 120, 3))
+    assert model(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_maps_images_to_logits(name):
+    size = (32, 32) if name != "seed" else (64, 48)
+    model = build_model(name, 5, image_size=size)
+    out = model(jnp.ones((3, *size, 3)), train=False)
+    assert out.shape == (3, 5)
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_image_size_too_small_is_refused():
+    with pytest.raises(SpringfieldError, match="--image-size 16 16: too small for model 'seed'"):
+        build_model("seed", 4, image_size=(16, 16))
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(SpringfieldError, match="--model 'vgg': unknown; choose one of resnet"):
+        build_model("vgg", 4, image_size=(64, 64))
+
+
+def test_activation_registry_and_unknown_name():
+    assert get_activation("relu")(jnp.array(-1.0)) == 0.0
+    assert get_activation("mish")(jnp.array(0.0)) == 0.0
+    with pytest.raises(SpringfieldError, match="--activation 'swoosh': unknown"):
+        get_activation("swoosh")
+
+
+def test_custom_activation_from_module_function(tmp_path, monkeypatch):
+    (tmp_path / "my_acts.py").write_text(
+        textwrap.dedent("""
+        import jax.numpy as jnp
+
+        def squareplus(x):
+            return 0.5 * (x + jnp.sqrt(x * x + 4.0))
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = get_activation("my_acts:squareplus")
+    assert float(fn(jnp.array(0.0))) == pytest.approx(1.0)
+    model = build_model("resnet", 4, image_size=(32, 32), activation="my_acts:squareplus")
+    assert model(jnp.ones((1, 32, 32, 3))).shape == (1, 4)
+    with pytest.raises(SpringfieldError, match="has no function 'nope'"):
+        get_activation("my_acts:nope")
+    with pytest.raises(SpringfieldError, match="cannot import module 'no_such_mod'"):
+        get_activation("no_such_mod:f")
+    sys.modules.pop("my_acts", None)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw", "lion", "rmsprop"])
+def test_optimizers_by_name_take_a_step(name):
+    params = {"w": jnp.ones(3)}
+    tx = make_optimizer(
+        name, make_schedule("cosine", lr=0.1, total_steps=10, warmup_steps=2), weight_decay=1e-4
+    )
+    state = tx.init(params)
+    updates, _ = tx.update({"w": jnp.ones(3)}, state, params)
+    assert jax.tree.leaves(updates)[0].shape == (3,)
+
+
+def test_unknown_optimizer_and_schedule_are_refused():
+    with pytest.raises(SpringfieldError, match="--optimizer 'adamz': unknown; choose one of"):
+        make_optimizer("adamz", make_schedule("constant", lr=0.1, total_steps=1, warmup_steps=0))
+    with pytest.raises(SpringfieldError, match="--schedule 'wavy'"):
+        make_schedule("wavy", lr=0.1, total_steps=1, warmup_steps=0)
+
+
+def test_onecycle_schedule_peaks_at_lr():
+    s = make_schedule("onecycle", lr=0.5, total_steps=100, warmup_steps=0)
+    peak = max(float(s(i)) for i in range(100))
+    assert peak == pytest.approx(0.5, rel=1e-3)
+    assert float(s(99)) < 0.01
