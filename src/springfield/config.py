@@ -37,7 +37,7 @@ class TrainConfig:
     image_size: tuple[int, int] | None = None
     """Input height and width in pixels (default: the model's own, e.g. 64 64 for resnet, 160 120 for seed). Images are resized to it, aspect ratio not kept."""
 
-    epochs: int = 12
+    epochs: int = 15
     """Passes over the training images."""
 
     batch_size: int = 64
@@ -76,7 +76,7 @@ class TrainConfig:
     on_bad_image: Literal["skip", "fail"] = "skip"
     """What to do with unreadable files: skip them (listed in skipped.txt) or fail."""
 
-    synthetic_per_class: int = 150
+    synthetic_per_class: int = 250
     """Images per class of the built-in dataset (used only without --data)."""
 
     skip_nonfinite: bool = False
@@ -96,6 +96,9 @@ class TrainConfig:
 
     process_id: int | None = None
     """With --distributed outside a cluster manager: this process's index (0 writes the logs)."""
+
+    distributed_timeout: int = 300
+    """With --distributed: seconds to wait for all processes to join, and for a silent process before the others stop with an error."""
 
     tensorboard: bool = True
     """Write TensorBoard event files into the run folder."""

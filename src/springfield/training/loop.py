@@ -9,6 +9,7 @@ own shard of the data; only process 0 writes files and shows progress.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -82,7 +83,8 @@ def run_eval(
         shard_count=jax.process_count(),
     )
     rows, probs, losses, labels = [], [], [], []
-    for batch in to_iterator(ds, workers=0):
+    it = to_iterator(ds, workers=0)
+    for batch in it:
         batch = parallel.shard_batch(batch, mesh)
         rows.append(parallel.to_host(batch["index"])[parallel.to_host(batch["mask"]) > 0])
         logits, loss = eval_step(params, rest, batch)
@@ -90,6 +92,7 @@ def run_eval(
         probs.append(parallel.to_host(jax.nn.softmax(logits))[keep])
         losses.append(parallel.to_host(loss)[keep])
         labels.append(parallel.to_host(batch["label"])[keep])
+    it.close()
     return tuple(np.concatenate(x) for x in (rows, labels, probs, losses))
 
 
@@ -103,7 +106,9 @@ def augmented_samples(cfg: TrainConfig, split: Split) -> tuple[np.ndarray, np.nd
         seed=cfg.seed,
         augment=cfg.augment,
     )
-    batch = next(to_iterator(ds, workers=0))
+    it = to_iterator(ds, workers=0)
+    batch = next(it)
+    it.close()
     return batch["image"], batch["label"]
 
 
@@ -142,6 +147,20 @@ def _write_dataset_record(workdir: Path, root: Path, train: Split, val: Split) -
     )
 
 
+def _data_fingerprint(*splits: Split) -> str:
+    # Relative paths and labels: hosts may mount the data at different places.
+    return json.dumps(
+        [
+            [
+                s.index.classes,
+                s.index.labels,
+                [os.path.relpath(p, s.index.root) for p in s.index.paths],
+            ]
+            for s in splits
+        ]
+    )
+
+
 def _truncate_metrics(workdir: Path, last_epoch: int) -> None:
     # A kill between writing metrics and finishing the checkpoint leaves rows for epochs
     # that will be trained again: drop them so every epoch appears once.
@@ -162,10 +181,25 @@ def _check_finite(loss: float, step: int, workdir: Path, lr: float) -> None:
 
 
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
-    """Train (or resume) the run described by ``cfg``; returns the run folder."""
-    console = console or Console()
-    if cfg.distributed:
-        parallel.init_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    """Train (or resume) the run described by ``cfg``; returns the run folder.
+
+    With ``--distributed`` every process calls this with the same ``cfg``.
+    """
+    # Devices and processes first: both must be fixed before anything starts JAX's backend.
+    parallel.setup(
+        cpu_devices=cfg.cpu_devices,
+        distributed=cfg.distributed,
+        coordinator=cfg.coordinator,
+        num_processes=cfg.num_processes,
+        process_id=cfg.process_id,
+        workdir=cfg.workdir,
+        timeout=cfg.distributed_timeout,
+    )
+    with parallel.stop_on_lost_peer():
+        return _train(cfg, console or Console())
+
+
+def _train(cfg: TrainConfig, console: Console) -> Path:
     is_main = jax.process_index() == 0
     say = console if is_main else None
     workdir = Path(cfg.workdir or default_workdir()).absolute()
@@ -187,6 +221,10 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         seed=cfg.seed,
         on_bad_image=cfg.on_bad_image,
         console=say,
+    )
+    parallel.check_same(
+        _data_fingerprint(train_split, val_split),
+        "the data: --data must hold the same images on every host",
     )
     classes = list(train_split.index.classes)
     n_train = len(train_split.index)
@@ -233,6 +271,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
 
     # Run folder: new, or resume from its latest complete checkpoint.
     workdir.mkdir(parents=True, exist_ok=True)
+    parallel.check_shared_folder(workdir)
     manager = checkpoint.open_manager(workdir)
     start_step = manager.latest_step() or 0
     if start_step:
@@ -357,6 +396,8 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
             writer.flush()
     manager.wait_until_finished()
     manager.close()
+    # Stops grain's worker processes and frees their shared memory now, not at exit.
+    data_iter.close()
 
     rows, labels, probs, losses = run_eval(
         eval_step, state.params, state.rest, val_split, cfg.batch_size, mesh
