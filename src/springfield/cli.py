@@ -145,6 +145,7 @@ def _evaluate(trained, data: Path | None, batch_size: int, console: Console | No
             val_fraction=cfg.val_fraction,
             seed=cfg.seed,
             classes=trained.classes,
+            group_threshold=cfg.group_threshold if cfg.split_by_group else None,
             console=console,
         )
     else:

@@ -67,6 +67,12 @@ class TrainConfig:
     val_fraction: float = 0.2
     """Share of each class held out for validation when <data> has no train/val folders."""
 
+    split_by_group: bool = False
+    """Scene-aware validation split: near-duplicate images (same scene, by colour thumbnail) stay on one side, so validation accuracy is an honest estimate on unseen scenes."""
+
+    group_threshold: float = 20.0
+    """With --split-by-group: images of a class whose 8x8 thumbnails differ by less than this (mean absolute difference, 0-255) are one group."""
+
     seed: int = 0
     """Seed for the split, initialisation, shuffling and augmentation."""
 

@@ -175,6 +175,21 @@ def stratified_split(
     return index.subset(train_rows), index.subset(val_rows)
 
 
+def group_split(
+    index: ImageIndex, val_fraction: float, seed: int, threshold: float
+) -> tuple[ImageIndex, ImageIndex]:
+    """Seeded, stratified split that keeps near-duplicate images (same scene) together."""
+    from springfield.data.groups import group_split_rows, near_duplicate_groups, thumbnail
+
+    if not 0.0 < val_fraction < 1.0:
+        raise SpringfieldError(f"--val-fraction {val_fraction}: must be between 0 and 1.")
+    thumbs = np.stack([thumbnail(Path(p)) for p in index.paths])
+    labels = np.asarray(index.labels)
+    groups = near_duplicate_groups(thumbs, labels, threshold)
+    train_rows, val_rows = group_split_rows(labels, groups, val_fraction, seed)
+    return index.subset(train_rows), index.subset(val_rows)
+
+
 def load_splits(
     root: Path,
     *,
@@ -182,9 +197,10 @@ def load_splits(
     seed: int,
     classes: Sequence[str] | None = None,
     on_bad_image: str = "skip",
+    group_threshold: float | None = None,
 ) -> tuple[ImageIndex, ImageIndex]:
     """Train and validation indexes: ``root/train`` + ``root/val`` when both exist, otherwise a
-    stratified split of ``root``."""
+    stratified split of ``root`` (scene-aware when ``group_threshold`` is given)."""
     root = Path(root).expanduser()
     if (root / "train").is_dir() and (root / "val").is_dir():
         train = scan_folder(root / "train", classes=classes, on_bad_image=on_bad_image)
@@ -195,4 +211,6 @@ def load_splits(
             ImageIndex(root, val.classes, val.paths, val.labels, merged),
         )
     full = scan_folder(root, classes=classes, on_bad_image=on_bad_image)
+    if group_threshold is not None:
+        return group_split(full, val_fraction, seed, group_threshold)
     return stratified_split(full, val_fraction, seed)

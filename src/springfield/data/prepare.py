@@ -62,11 +62,17 @@ def prepare_splits(
     seed: int,
     classes: list[str] | None = None,
     on_bad_image: str = "skip",
+    group_threshold: float | None = None,
     console: Console | None = None,
 ) -> tuple[Split, Split]:
     """Train and validation splits of ``root``, decoded at ``image_size``."""
     train_idx, val_idx = load_splits(
-        root, val_fraction=val_fraction, seed=seed, classes=classes, on_bad_image=on_bad_image
+        root,
+        val_fraction=val_fraction,
+        seed=seed,
+        classes=classes,
+        on_bad_image=on_bad_image,
+        group_threshold=group_threshold,
     )
     return (
         decode_split(train_idx, image_size, console, "train"),

@@ -55,6 +55,9 @@ _MUST_MATCH = (
     "augment",
     "data",
     "skip_nonfinite",
+    "split_by_group",
+    "group_threshold",
+    "val_fraction",
 )
 
 
@@ -220,6 +223,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
         on_bad_image=cfg.on_bad_image,
+        group_threshold=cfg.group_threshold if cfg.split_by_group else None,
         console=say,
     )
     parallel.check_same(
