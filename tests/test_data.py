@@ -158,3 +158,11 @@ def test_eval_batches_count_every_image_exactly_once(tmp_path, n, batch):
         np.testing.assert_array_equal(b["label"][keep], labels[b["image"][keep][:, 0, 0, 0]])
     assert sorted(seen) == list(range(n))
     assert shapes == {(batch, 2, 2, 3)}
+
+
+def test_classes_option_uses_only_the_named_folders(tiny_folder):
+    index = scan_folder(tiny_folder, only=["marge_simpson", "bart_simpson"])
+    assert index.classes == ("marge_simpson", "bart_simpson")
+    assert index.counts() == {"marge_simpson": 14, "bart_simpson": 14}
+    with pytest.raises(SpringfieldError, match="--classes: no folder ned_flanders"):
+        scan_folder(tiny_folder, only=["ned_flanders", "bart_simpson"])

@@ -17,6 +17,7 @@ from typing import Annotated
 
 import tyro
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from springfield.errors import SpringfieldError
@@ -145,6 +146,7 @@ def _evaluate(trained, data: Path | None, batch_size: int, console: Console | No
             val_fraction=cfg.val_fraction,
             seed=cfg.seed,
             classes=trained.classes,
+            only=trained.classes if cfg.classes else None,
             group_threshold=cfg.group_threshold if cfg.split_by_group else None,
             console=console,
         )
@@ -317,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_runtime()
         COMMANDS[command](rest, console)
     except SpringfieldError as e:
-        Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False)
+        # escape: messages quote paths and runtime errors that may contain [brackets].
+        Console(stderr=True).print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print("[red]interrupted[/]")

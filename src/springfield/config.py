@@ -28,6 +28,9 @@ class TrainConfig:
     workdir: Path | None = None
     """Run folder for config, metrics, checkpoints and plots (default runs/<timestamp>). Running train again with the same folder resumes where it stopped."""
 
+    classes: tuple[str, ...] | None = None
+    """Train on just these class folders of <data> (in this label order), e.g. --classes bart_simpson homer_simpson lisa_simpson marge_simpson. Default: every sub-folder."""
+
     model: str = "resnet"
     """Model name: resnet (small residual CNN, default), resnet-wide, seed (the tutorial's CNN), refcnn (the framework benchmark's CNN)."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,9 +61,11 @@ def decode_index(
         return npy, _kept(index, keep, failed)
 
     h, w = size
-    out = np.lib.format.open_memmap(
-        str(npy) + ".tmp", mode="w+", dtype=np.uint8, shape=(len(index), h, w, 3)
-    )
+    # Processes of one multi-process run on one machine decode the same split at the same
+    # time: private temporary names and atomic renames let them all finish with one good
+    # file (their contents are identical), and a reader sees the .json only when both exist.
+    tmp = f"{npy}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(index), h, w, 3))
     errors: dict[int, str] = {}
 
     def work(i: int) -> None:
@@ -80,17 +83,19 @@ def decode_index(
     failed = [(index.paths[i], errors[i]) for i in sorted(errors)]
     if errors:
         compact = np.lib.format.open_memmap(
-            str(npy) + ".tmp2", mode="w+", dtype=np.uint8, shape=(len(keep), h, w, 3)
+            tmp + "c", mode="w+", dtype=np.uint8, shape=(len(keep), h, w, 3)
         )
         compact[:] = out[keep]
         compact.flush()
         del out, compact
-        os.replace(str(npy) + ".tmp2", str(npy) + ".tmp")
+        os.replace(tmp + "c", tmp)
     else:
         out.flush()
         del out
-    os.replace(str(npy) + ".tmp", npy)
-    meta_path.write_text(json.dumps({"keep": keep, "failed": failed}))
+    os.replace(tmp, npy)
+    meta_tmp = Path(f"{meta_path}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    meta_tmp.write_text(json.dumps({"keep": keep, "failed": failed}))
+    os.replace(meta_tmp, meta_path)
     return npy, _kept(index, keep, failed)
 
 

@@ -62,6 +62,7 @@ def scan_folder(
     root: Path,
     *,
     classes: Sequence[str] | None = None,
+    only: Sequence[str] | None = None,
     on_bad_image: str = "skip",
 ) -> ImageIndex:
     """Index ``root/<class>/*`` by probing each file's header.
@@ -70,6 +71,7 @@ def scan_folder(
       root: the folder with one sub-folder per class.
       classes: expected class names in label order (e.g. from a checkpoint). ``None`` takes
         the sorted sub-folder names. A sub-folder that is not in ``classes`` is an error.
+      only: use just these class sub-folders (in this label order) and ignore the others.
       on_bad_image: ``"skip"`` records unreadable files in ``skipped``; ``"fail"`` raises on
         the first one.
 
@@ -95,6 +97,15 @@ def scan_folder(
             "images in its own sub-folder: <root>/<class>/<image>."
         )
     found = [d.name for d in dirs]
+    if only:
+        missing = [c for c in only if c not in found]
+        if missing:
+            raise SpringfieldError(
+                f"--classes: no folder {', '.join(missing)} in {root} (it has {', '.join(found)})."
+            )
+        dirs = [root / c for c in only]
+        found = list(only)
+        classes = classes or list(only)
     if classes is None:
         classes = found
         if len(classes) < 2:
@@ -196,6 +207,7 @@ def load_splits(
     val_fraction: float,
     seed: int,
     classes: Sequence[str] | None = None,
+    only: Sequence[str] | None = None,
     on_bad_image: str = "skip",
     group_threshold: float | None = None,
 ) -> tuple[ImageIndex, ImageIndex]:
@@ -203,14 +215,14 @@ def load_splits(
     stratified split of ``root`` (scene-aware when ``group_threshold`` is given)."""
     root = Path(root).expanduser()
     if (root / "train").is_dir() and (root / "val").is_dir():
-        train = scan_folder(root / "train", classes=classes, on_bad_image=on_bad_image)
-        val = scan_folder(root / "val", classes=train.classes, on_bad_image=on_bad_image)
+        train = scan_folder(root / "train", classes=classes, only=only, on_bad_image=on_bad_image)
+        val = scan_folder(root / "val", classes=train.classes, only=only, on_bad_image=on_bad_image)
         merged = train.skipped + val.skipped
         return (
             ImageIndex(root, train.classes, train.paths, train.labels, merged),
             ImageIndex(root, val.classes, val.paths, val.labels, merged),
         )
-    full = scan_folder(root, classes=classes, on_bad_image=on_bad_image)
+    full = scan_folder(root, classes=classes, only=only, on_bad_image=on_bad_image)
     if group_threshold is not None:
         return group_split(full, val_fraction, seed, group_threshold)
     return stratified_split(full, val_fraction, seed)

@@ -61,6 +61,7 @@ def prepare_splits(
     val_fraction: float,
     seed: int,
     classes: list[str] | None = None,
+    only: list[str] | None = None,
     on_bad_image: str = "skip",
     group_threshold: float | None = None,
     console: Console | None = None,
@@ -71,6 +72,7 @@ def prepare_splits(
         val_fraction=val_fraction,
         seed=seed,
         classes=classes,
+        only=only,
         on_bad_image=on_bad_image,
         group_threshold=group_threshold,
     )

@@ -58,6 +58,7 @@ _MUST_MATCH = (
     "split_by_group",
     "group_threshold",
     "val_fraction",
+    "classes",
 )
 
 
@@ -127,7 +128,10 @@ def _check_resume(workdir: Path, cfg: TrainConfig, classes: list[str], meta: dic
     if old_classes != classes:
         diffs.append(f"classes {old_classes} (run) vs {classes} (now)")
     if meta.get("processes", 1) != jax.process_count():
-        diffs.append(f"{meta.get('processes')} processes (run) vs {jax.process_count()} (now)")
+        # The data shards and the per-process iterator states in the checkpoint depend on it.
+        diffs.append(
+            f"--num-processes {meta.get('processes', 1)} (run) vs {jax.process_count()} (now)"
+        )
     if diffs:
         raise SpringfieldError(
             f"--workdir {workdir} holds a run with other settings: {'; '.join(diffs)}. "
@@ -224,6 +228,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
         seed=cfg.seed,
         on_bad_image=cfg.on_bad_image,
         group_threshold=cfg.group_threshold if cfg.split_by_group else None,
+        only=list(cfg.classes) if cfg.classes else None,
         console=say,
     )
     parallel.check_same(
