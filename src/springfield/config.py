@@ -123,8 +123,17 @@ PRESETS: dict[str, dict] = {
     # Recommended for real Simpsons frames (docs/results.md): chosen by a recipe search on a
     # scene-aware split; milder augmentation beat heavier crops/rotation, and 64 px beat 80-96
     # px for the same compute.
-    "simpsons": dict(model="resnet", image_size=(64, 64), augment="light", label_smoothing=0.1,
-                     weight_decay=0.05, lr=6e-3, schedule="onecycle", epochs=100, batch_size=64),
+    "simpsons": dict(
+        model="resnet",
+        image_size=(64, 64),
+        augment="light",
+        label_smoothing=0.1,
+        weight_decay=0.05,
+        lr=6e-3,
+        schedule="onecycle",
+        epochs=100,
+        batch_size=64,
+    ),
     # The tutorial's recipe: its network at 160x120, SGD with momentum 0.9, lr 0.01, weight
     # decay 5e-4 as L2 on all parameters, 50 epochs, no augmentation, no schedule.
     "seed": dict(

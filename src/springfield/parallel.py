@@ -73,7 +73,7 @@ def setup(
     given = [flag for flag, v in explicit.items() if v is not None]
     if given and not distributed:
         raise SpringfieldError(
-            f"{', '.join(given)} only apply to multi-process runs: add --distributed."
+            f"{', '.join(given)}: only used by multi-process runs; add --distributed."
         )
     if distributed and workdir is None:
         raise SpringfieldError(
@@ -113,6 +113,8 @@ def init_distributed(
 ) -> None:
     """``jax.distributed.initialize``: explicit arguments, or auto-detection (SLURM, Open MPI,
     TPU pods) when they are left out."""
+    if jax.distributed.is_initialized():
+        return  # a second train() in the same processes reuses the connection
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator,
