@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from springfield.errors import SpringfieldError
+from springfield.errors import Interrupted, SpringfieldError
 from springfield.runtime import setup_runtime
 
 USAGE = """usage: springfield {train,eval,predict,report} [--help]
@@ -118,9 +118,10 @@ def _train(argv: list[str], console: Console) -> None:
         args=rest,
         default=preset_config(preset),
         prog="springfield train",
-        description=(TrainConfig.__doc__ or "") + " Use --preset seed for the original "
+        description=(TrainConfig.__doc__ or "") + " Presets: --preset seed is the original "
         "tutorial's recipe (seed CNN at 160x120, SGD momentum 0.9, lr 0.01, L2 5e-4, 50 epochs);"
-        " flags after it still override it.",
+        " --preset simpsons is the recommended recipe for real frames (docs/results.md). Other "
+        "flags still override a preset.",
     )
     console.print_json(
         json.dumps(
@@ -318,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         setup_runtime()
         COMMANDS[command](rest, console)
+    except Interrupted as e:
+        Console(stderr=True).print(f"[yellow]stopped:[/] {escape(str(e))}", highlight=False)
+        return 130
     except SpringfieldError as e:
         # escape: messages quote paths and runtime errors that may contain [brackets].
         Console(stderr=True).print(f"[red]error:[/] {escape(str(e))}", highlight=False)

@@ -10,3 +10,11 @@ class SpringfieldError(Exception):
 
 class BadImageError(SpringfieldError):
     """A file that is not a decodable image (or one springfield refuses to decode)."""
+
+
+class Interrupted(SpringfieldError):
+    """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint.
+
+    The CLI prints the message (how to resume) and exits with status 130, as shells expect
+    after Ctrl-C.
+    """

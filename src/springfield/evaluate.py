@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from springfield.config import TrainConfig, from_json
@@ -71,6 +72,11 @@ def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
             f"{run_dir}: no complete checkpoint yet. Train first, or "
             f"resume with: springfield train --workdir {run_dir}"
         )
+    try:
+        _check_meta(run_dir, step, checkpoint.read_meta(manager, step), cfg, classes)
+    except SpringfieldError:
+        manager.close()
+        raise
     model = build_model(
         cfg.model,
         len(classes),
@@ -85,6 +91,8 @@ def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
         make_schedule(cfg.schedule, lr=cfg.lr, total_steps=2, warmup_steps=0),
         weight_decay=cfg.weight_decay,
     )
+    if cfg.skip_nonfinite:  # as in training: the wrapper has its own optimizer state
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
     target = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
     try:
         state = checkpoint.restore(manager, step, target)
@@ -96,6 +104,22 @@ def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
     finally:
         manager.close()
     return TrainedModel(run_dir, cfg, classes, graphdef, state.params, state.rest, step)
+
+
+def _check_meta(run_dir: Path, step: int, meta: dict, cfg: TrainConfig, classes: list) -> None:
+    # The checkpoint's own record of what it holds: a config.json or classes.json edited or
+    # copied from another run would otherwise load silently (e.g. another image size).
+    expected = {"model": cfg.model, "image_size": list(cfg.image_size), "classes": classes}
+    diffs = [
+        f"{key} {meta[key]} (checkpoint) vs {value} (config.json/classes.json)"
+        for key, value in expected.items()
+        if key in meta and meta[key] != value
+    ]
+    if diffs:
+        raise SpringfieldError(
+            f"{run_dir}: checkpoint {step} does not match the run's config.json/classes.json: "
+            f"{'; '.join(diffs)}. Restore those files as train wrote them."
+        )
 
 
 def predict_images(

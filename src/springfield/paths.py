@@ -22,3 +22,16 @@ def cache_root() -> Path:
         return Path.home() / "Library" / "Caches" / "springfield"
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "springfield"
+
+
+def printable(name: str) -> str:
+    """``name`` (a path or message) safe to print and to write as UTF-8.
+
+    Python keeps the undecodable bytes of a non-UTF-8 file name as lone surrogates, which
+    make ``print``, ``json`` consumers and UTF-8 writers fail; they become ``\\xNN`` escapes.
+    """
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")

@@ -28,8 +28,13 @@ def _fingerprint(index: ImageIndex, size: tuple[int, int]) -> str:
     # Path, byte size and mtime of every file: a changed or replaced image invalidates the cache.
     h = hashlib.sha256(json.dumps(list(size)).encode())
     for p in index.paths:
-        st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(p)
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:  # gone since the scan: decoding reports it as a skipped file
+            stamp = "missing"
+        # fsencode: a non-UTF-8 file name is a str with surrogates, which .encode() rejects.
+        h.update(os.fsencode(p) + f"\0{stamp}\n".encode())
     return h.hexdigest()[:20]
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from springfield.data.decode import probe_image
 from springfield.errors import BadImageError, SpringfieldError
+from springfield.paths import printable
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,14 @@ def scan_folder(
     skipped: list[tuple[str, str]] = []
     for d in dirs:
         n_good = 0
-        for entry in sorted(os.scandir(d), key=lambda e: e.name):
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            raise SpringfieldError(
+                f"--data {root}: cannot list class folder {printable(d.name)}/ "
+                f"({e.strerror}). Fix its permissions or remove it."
+            ) from None
+        for entry in entries:
             path = Path(entry.path)
             if entry.name.startswith("."):
                 skipped.append((str(path), "hidden file"))
@@ -136,15 +144,16 @@ def scan_folder(
                     skipped.append((str(path), "folder inside a class folder"))
                     continue
                 probe_image(path)
-            except BadImageError as e:
+            except (BadImageError, OSError) as e:
+                reason = (
+                    str(e) if isinstance(e, BadImageError) else f"unreadable: {e.strerror or e}"
+                )
                 if on_bad_image == "fail":
                     raise SpringfieldError(
-                        f"{path}: {e}. Remove the file or pass --on-bad-image skip."
+                        f"{printable(str(path))}: {reason}. Remove the file or pass "
+                        "--on-bad-image skip."
                     ) from None
-                skipped.append((str(path), str(e)))
-                continue
-            except OSError as e:
-                skipped.append((str(path), f"unreadable: {e.strerror or e}"))
+                skipped.append((str(path), reason))
                 continue
             paths.append(str(path))
             labels.append(label_of[d.name])

@@ -12,7 +12,12 @@ exactly once at one fixed batch shape and nothing recompiles.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import grain
@@ -119,5 +124,30 @@ def to_iterator(ds: grain.MapDataset, *, workers: int, threads: int = 2) -> grai
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 4))
     )
     if workers > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers),
+            worker_init_fn=functools.partial(init_worker, parent=os.getpid()),
+        )
     return iter(it_ds)
+
+
+def init_worker(index: int, count: int, *, parent: int) -> None:
+    """Set up a grain worker process: deaf to Ctrl-C, and gone when its trainer is gone.
+
+    Ctrl-C in a terminal signals the whole process group. The trainer turns it into a clean
+    stop (checkpoint, then exit) and needs its workers alive until then, so workers ignore
+    SIGINT and SIGTERM and are stopped by the trainer. A trainer killed outright (SIGKILL,
+    the OOM killer) cannot stop them, so each worker also exits once its parent is gone.
+    """
+    del index, count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # `parent` comes from the trainer: it may have died while this worker was starting up.
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int, interval: float = 0.5) -> None:
+    # An orphan is re-parented (to init or a subreaper), so its parent id changes.
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(0)

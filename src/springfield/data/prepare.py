@@ -12,6 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from springfield.data.cache import decode_index
 from springfield.data.index import ImageIndex, load_splits, scan_folder
 from springfield.data.synthetic import ensure_default_dataset
+from springfield.errors import SpringfieldError
+from springfield.paths import printable
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,25 @@ def prepare_splits(
         on_bad_image=on_bad_image,
         group_threshold=group_threshold,
     )
-    return (
-        decode_split(train_idx, image_size, console, "train"),
-        decode_split(val_idx, image_size, console, "validation"),
-    )
+    splits = []
+    for idx, label in ((train_idx, "train"), (val_idx, "validation")):
+        split = decode_split(idx, image_size, console, label)
+        if on_bad_image == "fail":
+            _fail_on_decode_errors(idx, split)
+        splits.append(split)
+    return splits[0], splits[1]
+
+
+def _fail_on_decode_errors(scanned: ImageIndex, decoded: Split) -> None:
+    # The scan reads headers only; a file broken further in (truncated, corrupt data) fails
+    # at decoding, and --on-bad-image fail must refuse it just the same.
+    failed = decoded.index.skipped[len(scanned.skipped) :]
+    if failed:
+        path, reason = failed[0]
+        more = f" ({len(failed) - 1} more such file(s))" if len(failed) > 1 else ""
+        raise SpringfieldError(
+            f"{printable(path)}: {reason}{more}. Remove the file or pass --on-bad-image skip."
+        )
 
 
 def prepare_folder(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -32,13 +33,15 @@ from springfield import parallel
 from springfield.config import TrainConfig, save_json, to_json
 from springfield.data.pipeline import eval_dataset, to_iterator, train_dataset
 from springfield.data.prepare import Split, prepare_splits, resolve_data_root
-from springfield.errors import SpringfieldError
+from springfield.errors import Interrupted, SpringfieldError
 from springfield.models import build_model, check_image_size, count_params, model_spec
 from springfield.models.activations import get_activation
-from springfield.training import checkpoint
+from springfield.paths import printable
+from springfield.training import checkpoint, history
+from springfield.training.interrupts import stop_requests
 from springfield.training.metrics import summarise
 from springfield.training.optim import make_optimizer, make_schedule
-from springfield.training.steps import init_state, make_eval_step, make_train_step
+from springfield.training.steps import all_finite, init_state, make_eval_step, make_train_step
 
 # Settings that must match between a run folder and a resumed run.
 _MUST_MATCH = (
@@ -62,6 +65,10 @@ _MUST_MATCH = (
 )
 
 
+# Skipped files listed on the console; skipped.txt has them all.
+_SHOW_SKIPPED = 20
+
+
 def default_workdir() -> Path:
     """``runs/<timestamp>`` in the current folder."""
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -70,8 +77,8 @@ def default_workdir() -> Path:
 def run_eval(
     eval_step, params, rest, split: Split, batch_size: int, mesh=None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Exact batched evaluation: ``(rows, labels, probs, losses)``, one entry per image;
-    ``rows`` are the images' rows in ``split.npy``.
+    """Exact batched evaluation: ``(rows, labels, probs, losses)``, one entry per image in
+    the order of ``split.npy`` (``rows`` are the images' rows in it).
 
     The last batch is padded to the fixed batch shape and the padding dropped by its mask,
     so every image counts exactly once and the step never recompiles. With several
@@ -97,7 +104,10 @@ def run_eval(
         losses.append(parallel.to_host(loss)[keep])
         labels.append(parallel.to_host(batch["label"])[keep])
     it.close()
-    return tuple(np.concatenate(x) for x in (rows, labels, probs, losses))
+    out = [np.concatenate(x) for x in (rows, labels, probs, losses)]
+    # Several processes interleave their slices within each global batch: restore file order.
+    order = np.argsort(out[0], kind="stable")
+    return tuple(x[order] for x in out)
 
 
 def augmented_samples(cfg: TrainConfig, split: Split) -> tuple[np.ndarray, np.ndarray]:
@@ -139,16 +149,25 @@ def _check_resume(workdir: Path, cfg: TrainConfig, classes: list[str], meta: dic
         )
 
 
+def _skipped_files(train: Split, val: Split) -> list[tuple[str, str]]:
+    # Scan-time skips are shared by both splits; decode-time ones belong to one: each once.
+    return sorted(set(train.index.skipped) | set(val.index.skipped))
+
+
 def _write_dataset_record(workdir: Path, root: Path, train: Split, val: Split) -> None:
-    skipped = sorted(set(train.index.skipped) | set(val.index.skipped))
-    (workdir / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in skipped))
+    skipped = _skipped_files(train, val)
+    # skipped.txt keeps each name's exact bytes (non-UTF-8 names included) for scripts;
+    # dataset.json and the console get printable names.
+    (workdir / "skipped.txt").write_text(
+        "".join(f"{p}\t{r}\n" for p, r in skipped), encoding="utf-8", errors="surrogateescape"
+    )
     save_json(
         {
             "root": str(root),
             "classes": list(train.index.classes),
             "train_counts": train.index.counts(),
             "val_counts": val.index.counts(),
-            "skipped": [{"path": p, "reason": r} for p, r in skipped],
+            "skipped": [{"path": printable(p), "reason": printable(r)} for p, r in skipped],
         },
         workdir / "dataset.json",
     )
@@ -168,6 +187,18 @@ def _data_fingerprint(*splits: Split) -> str:
     )
 
 
+def _make_workdir(workdir: Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise SpringfieldError(
+            f"--workdir {workdir}: cannot write there ({e.strerror or e}). Choose a writable "
+            "folder, or free space on its disk."
+        ) from None
+
+
 def _truncate_metrics(workdir: Path, last_epoch: int) -> None:
     # A kill between writing metrics and finishing the checkpoint leaves rows for epochs
     # that will be trained again: drop them so every epoch appears once.
@@ -178,13 +209,35 @@ def _truncate_metrics(workdir: Path, last_epoch: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def _check_finite(loss: float, step: int, workdir: Path, lr: float) -> None:
-    if not np.isfinite(loss):
-        raise SpringfieldError(
-            f"loss became {loss} at step {step}; training stopped and the last good checkpoint "
-            f"in {workdir / 'checkpoints'} is kept. Lower --lr (now {lr:g}), or pass "
-            "--skip-nonfinite to skip such updates."
+def _check_finite(
+    sums: list[dict], first_step: int, workdir: Path, lr: float, saved: int | None
+) -> None:
+    bad = history.first_nonfinite(sums, first_step)
+    if bad is None:
+        return
+    step, loss = bad
+    _stop_nonfinite(f"the training loss became {loss} at step {step}", workdir, lr, saved)
+
+
+def _check_state(state, step: int, workdir: Path, lr: float, saved: int | None) -> None:
+    # A finite loss at step N was computed before update N: the update itself may still
+    # overflow. Checked before each save, so that a saved checkpoint is always a good one.
+    if not bool(all_finite(state)):
+        _stop_nonfinite(
+            f"the model's parameters became NaN or infinite in step {step}", workdir, lr, saved
         )
+
+
+def _stop_nonfinite(what: str, workdir: Path, lr: float, saved: int | None) -> None:
+    kept = (
+        f"its last good checkpoint (step {saved}) is kept in {workdir / 'checkpoints'}"
+        if saved
+        else "no checkpoint had been saved yet"
+    )
+    raise SpringfieldError(
+        f"{what}; training stopped and {kept}. Lower --lr (now {lr:g}) and train again in "
+        "a new --workdir, or pass --skip-nonfinite to skip such updates."
+    )
 
 
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
@@ -202,7 +255,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         workdir=cfg.workdir,
         timeout=cfg.distributed_timeout,
     )
-    with parallel.stop_on_lost_peer():
+    with parallel.stop_on_lost_peer(), checkpoint.disk_errors():
         return _train(cfg, console or Console())
 
 
@@ -216,8 +269,22 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
     check_image_size(cfg.model, image_size)
     get_activation(cfg.activation)
     make_optimizer(cfg.optimizer, optax.constant_schedule(cfg.lr))
+    _make_workdir(workdir)
+    if cfg.checkpoint_every < 0:
+        raise SpringfieldError(
+            f"--checkpoint-every {cfg.checkpoint_every}: must be 0 (epoch ends only) or a "
+            "number of steps."
+        )
     mesh = parallel.make_mesh()
     local_batch = parallel.local_batch_size(cfg.batch_size, mesh)
+    # Paths may differ between hosts (checked below by content); everything else may not.
+    parallel.check_same(
+        json.dumps(
+            {k: v for k, v in to_json(cfg).items() if k not in ("process_id", "data", "workdir")},
+            sort_keys=True,
+        ),
+        "the settings: run the same springfield train command on every process",
+    )
 
     # Data: folder -> index -> split -> decoded once.
     root = resolve_data_root(cfg.data, per_class=cfg.synthetic_per_class, console=say)
@@ -260,7 +327,9 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
     graphdef, state = init_state(model, tx)
     state = parallel.replicate(state, mesh)
-    train_step = make_train_step(graphdef, tx, label_smoothing=cfg.label_smoothing)
+    train_step = make_train_step(
+        graphdef, tx, label_smoothing=cfg.label_smoothing, skip_nonfinite=cfg.skip_nonfinite
+    )
     eval_step = make_eval_step(graphdef)
     key = jax.random.key(cfg.seed)
 
@@ -283,11 +352,16 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
     parallel.check_shared_folder(workdir)
     manager = checkpoint.open_manager(workdir)
     start_step = manager.latest_step() or 0
+    resumed: dict = {}
     if start_step:
-        _check_resume(workdir, cfg, classes, checkpoint.read_meta(manager, start_step))
+        resumed = checkpoint.read_meta(manager, start_step)
+        _check_resume(workdir, cfg, classes, resumed)
         state = checkpoint.restore(manager, start_step, state, data_iter)
         if is_main:
-            _truncate_metrics(workdir, start_step // steps_per_epoch)
+            if "history" in resumed:
+                history.write_metrics(workdir, resumed["history"])
+            else:  # a checkpoint from before the record was kept
+                _truncate_metrics(workdir, start_step // steps_per_epoch)
             console.print(f"Resuming {workdir} at step {start_step}/{total_steps}.")
     elif is_main:
         (workdir / "metrics.jsonl").unlink(missing_ok=True)
@@ -295,7 +369,8 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
         save_json(to_json(cfg), workdir / "config.json")
         save_json(classes, workdir / "classes.json")
         _write_dataset_record(workdir, root, train_split, val_split)
-        skipped = len(train_split.index.skipped)
+        skipped_files = _skipped_files(train_split, val_split)
+        skipped = len(skipped_files)
         console.print(
             f"[bold]{cfg.model}[/] ({count_params(model):,} parameters) on {n_train} train / "
             f"{len(val_split.index)} val images of {len(classes)} classes at "
@@ -303,9 +378,21 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             f"on {jax.device_count()} device(s). Skipped {skipped} file(s)"
             + (f" (see {workdir / 'skipped.txt'})." if skipped else ".")
         )
+        for path, reason in skipped_files[:_SHOW_SKIPPED]:
+            console.print(
+                f"  skipped {printable(path)}: {printable(reason)}", highlight=False, soft_wrap=True
+            )
+        if skipped > _SHOW_SKIPPED:
+            console.print(f"  ... and {skipped - _SHOW_SKIPPED} more.")
 
-    def meta(step: int) -> dict:
+    epoch_rows: list[dict] = list(resumed.get("history") or [])
+    # A mid-epoch checkpoint carries the steps already done in its epoch.
+    sums: list[dict] = history.decode_steps(resumed.get("epoch_steps"))
+
+    def meta(step: int, epoch_steps: list[dict] | None = None) -> dict:
         return {
+            "history": list(epoch_rows),
+            "epoch_steps": history.encode_steps(epoch_steps or []),
             "step": step,
             "epoch": step // steps_per_epoch,
             "classes": classes,
@@ -331,41 +418,65 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
         transient=True,
         disable=not is_main,
     )
-    step = start_step
+    step = saved = start_step
+    checked = len(sums)  # steps whose loss was checked to be finite
+    # Ctrl-C / SIGTERM stop the run between steps (see interrupts.py). With several
+    # processes they would stop at different steps and hang the others' collectives.
+    stop_context = stop_requests(enabled=jax.process_count() == 1)
     try:
-        with progress:
+        with stop_context as stop, progress:
             task = progress.add_task(
                 "train", total=total_steps, completed=step, epoch=1, epochs=cfg.epochs, loss="-"
             )
-            while step < total_steps:
+            while step < total_steps and not stop:
                 epoch = step // steps_per_epoch + 1
+                epoch_end = epoch * steps_per_epoch
                 progress.update(task, epoch=epoch)
-                t_epoch, wait, first, sums = time.perf_counter(), 0.0, step, []
-                for _ in range(epoch * steps_per_epoch - step):
+                t_epoch, wait, first = time.perf_counter(), 0.0, step
+                for _ in range(epoch_end - step):
                     t0 = time.perf_counter()
                     batch = next(data_iter)
                     wait += time.perf_counter() - t0
                     state, m = train_step(state, parallel.shard_batch(batch, mesh), key)
                     sums.append(m)
                     step += 1
-                    if step % 10 == 0 or step == epoch * steps_per_epoch:
-                        # Reading the loss syncs with the device: only every 10 steps.
+                    save_now = (
+                        cfg.checkpoint_every > 0
+                        and step % cfg.checkpoint_every == 0
+                        and step != epoch_end
+                    )
+                    if step % 10 == 0 or step == epoch_end or save_now or stop:
+                        # Reading the loss syncs with the device: only every 10 steps, and
+                        # before any checkpoint, so that no checkpoint holds a NaN state.
                         loss = float(m["loss_sum"]) / max(float(m["count"]), 1.0)
                         if not cfg.skip_nonfinite:
-                            _check_finite(loss, step, workdir, float(schedule(step - 1)))
+                            _check_finite(
+                                sums[checked:],
+                                step - len(sums) + checked + 1,
+                                workdir,
+                                cfg.lr,
+                                saved,
+                            )
+                        checked = len(sums)
                         progress.update(task, completed=step, loss=f"{loss:.3f}")
                         if writer is not None:
                             writer.add_scalar("step/loss", loss, step)
                             writer.add_scalar("step/lr", float(schedule(step - 1)), step)
-                tot = jax.tree.map(lambda *xs: float(np.sum(xs)), *sums)
+                        if save_now:
+                            if not cfg.skip_nonfinite:
+                                _check_state(state, step, workdir, cfg.lr, saved)
+                            checkpoint.save(manager, step, state, meta(step, sums), data_iter)
+                            saved = step
+                        if stop:
+                            break
+                if step != epoch_end:  # stopped mid-epoch
+                    break
+                tot = history.epoch_totals(sums)
                 seconds = time.perf_counter() - t_epoch
-                if not cfg.skip_nonfinite:
-                    _check_finite(tot["loss_sum"], step, workdir, float(schedule(step - 1)))
                 _, labels, probs, losses = run_eval(
                     eval_step, state.params, state.rest, val_split, cfg.batch_size, mesh
                 )
                 val = summarise(labels, probs, losses, classes)
-                checkpoint.save(manager, step, state, meta(step), data_iter)
                 row = {
                     "epoch": epoch,
                     "step": step,
@@ -378,9 +489,17 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
                     "epoch_seconds": seconds,
                     "input_wait_fraction": wait / seconds,
                 }
+                if cfg.skip_nonfinite:
+                    row["skipped_updates"] = int(state.opt_state.total_notfinite)
+                # The row goes into the checkpoint first: a resume rebuilds metrics.jsonl
+                # from the checkpoint, so each epoch's row appears exactly once.
+                epoch_rows.append(row)
+                if not cfg.skip_nonfinite:
+                    _check_state(state, step, workdir, cfg.lr, saved)
+                checkpoint.save(manager, step, state, meta(step), data_iter)
+                saved, sums, checked = step, [], 0
                 if is_main:
-                    with open(workdir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    history.append_metrics(workdir, row)
                     if writer is not None:
                         for k, v in row.items():
                             writer.add_scalar(f"epoch/{k}", v, step)
@@ -389,24 +508,32 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
                         f"{row['train_accuracy']:.3f}  val loss {val['loss']:.4f} acc "
                         f"{val['accuracy']:.3f}  {row['train_img_s']:.0f} img/s  "
                         f"input wait {row['input_wait_fraction']:.0%}"
+                        + (
+                            f"  skipped {row['skipped_updates']} non-finite update(s)"
+                            if row.get("skipped_updates")
+                            else ""
+                        )
                     )
-    except KeyboardInterrupt:
-        manager.wait_until_finished()
-        if step != manager.latest_step():
-            checkpoint.save(manager, step, state, meta(step), data_iter)
-        manager.wait_until_finished()
-        manager.close()
-        raise SpringfieldError(
-            f"interrupted at step {step}; checkpoint saved. Resume with the same command "
-            f"(springfield train --workdir {workdir} ...)."
-        ) from None
+        if stop and step < total_steps:
+            if saved != step:
+                if not cfg.skip_nonfinite:
+                    _check_state(state, step, workdir, cfg.lr, saved)
+                checkpoint.save(manager, step, state, meta(step, sums), data_iter)
+            # The save completes in `finally` below, before the message reaches the user.
+            raise Interrupted(
+                f"{stop.signal} at step {step}/{total_steps}; a checkpoint of step {step} is "
+                f"saved in {workdir / 'checkpoints'}. To resume, run the same command again "
+                f"(same --workdir {workdir} and settings)."
+            )
     finally:
         if writer is not None:
             writer.flush()
-    manager.wait_until_finished()
-    manager.close()
-    # Stops grain's worker processes and frees their shared memory now, not at exit.
-    data_iter.close()
+        # On every way out: wait for the save in flight (an exit would lose it), and stop
+        # grain's worker processes and free their shared memory now, not at exit.
+        try:
+            checkpoint.finish(manager)
+        finally:
+            data_iter.close()
 
     rows, labels, probs, losses = run_eval(
         eval_step, state.params, state.rest, val_split, cfg.batch_size, mesh

@@ -45,13 +45,21 @@ def _losses(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array
 
 
 def make_train_step(
-    graphdef: Any, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    *,
+    label_smoothing: float = 0.0,
+    skip_nonfinite: bool = False,
 ):
     """``train_step(state, batch, key) -> (state, metrics)``.
 
     ``batch`` holds ``image`` (uint8 NHWC), ``label`` and ``mask``; ``metrics`` holds the
     summed loss, correct count and count over the unmasked examples, so sums over steps are
     exact epoch totals.
+
+    ``skip_nonfinite``: for a ``tx`` wrapped in ``optax.apply_if_finite``, which drops the
+    parameter update of a step with NaN/inf gradients; the step then also keeps the old
+    BatchNorm statistics, which the same bad forward pass would have poisoned.
     """
 
     def loss_fn(params, rest, batch, key):
@@ -72,6 +80,9 @@ def make_train_step(
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if skip_nonfinite:
+            finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+            rest = jax.tree.map(lambda new, old: jnp.where(finite, new, old), rest, state.rest)
         mask = batch["mask"]
         correct = (jnp.argmax(logits, -1) == batch["label"]) * mask
         metrics = {
@@ -94,3 +105,14 @@ def make_eval_step(graphdef: Any):
         return logits, _losses(logits, batch["label"], 0.0)
 
     return eval_step
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point number in ``tree`` is finite (one device reduction)."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
