@@ -25,8 +25,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="image folder (one per class)")
     parser.add_argument("--classes", nargs="+", default=None, help="class folders to use")
-    parser.add_argument("--recipes", nargs="+", default=["simpsons"],
-                        help="presets to train: simpsons (recommended), seed (the tutorial)")
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=["simpsons"],
+        help="presets to train: simpsons (recommended), seed (the tutorial)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per seed")
     parser.add_argument("--workdir", type=Path, default=None, help="keep run folders here")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
@@ -45,8 +49,13 @@ def main() -> None:
         for seed in args.seeds:
             cfg = tyro.cli(TrainConfig, args=extra, default=preset_config(recipe))
             cfg = dataclasses.replace(
-                cfg, data=args.data, seed=seed, split_by_group=True, report=False,
-                tensorboard=False, classes=tuple(args.classes) if args.classes else None,
+                cfg,
+                data=args.data,
+                seed=seed,
+                split_by_group=True,
+                report=False,
+                tensorboard=False,
+                classes=tuple(args.classes) if args.classes else None,
                 workdir=base / f"{recipe}-seed{seed}",
             )
             t0 = time.perf_counter()
@@ -54,20 +63,44 @@ def main() -> None:
             wall = time.perf_counter() - t0
             result = json.loads((run / "eval.json").read_text())
             saved = json.loads((run / "config.json").read_text())
-            rows.append({
-                "recipe": recipe, "seed": seed, "model": cfg.model,
-                "image_size": "x".join(map(str, saved["image_size"])), "epochs": cfg.epochs,
-                "wall_s": round(wall, 1), "val_accuracy": result["accuracy"],
-                "val_images": result["num_images"],
-                "f1": {c: round(v["f1"], 3) for c, v in result["per_class"].items()},
-            })
+            rows.append(
+                {
+                    "recipe": recipe,
+                    "seed": seed,
+                    "model": cfg.model,
+                    "image_size": "x".join(map(str, saved["image_size"])),
+                    "epochs": cfg.epochs,
+                    "wall_s": round(wall, 1),
+                    "val_accuracy": result["accuracy"],
+                    "val_images": result["num_images"],
+                    "f1": {c: round(v["f1"], 3) for c, v in result["per_class"].items()},
+                }
+            )
     classes = list(rows[0]["f1"]) if rows else []
-    header = ["recipe", "seed", "model", "size", "epochs", "wall time (s)", "val acc", "val n",
-              *[f"F1 {c.split('_')[0]}" for c in classes]]
+    header = [
+        "recipe",
+        "seed",
+        "model",
+        "size",
+        "epochs",
+        "wall time (s)",
+        "val acc",
+        "val n",
+        *[f"F1 {c.split('_')[0]}" for c in classes],
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["recipe"], r["seed"], r["model"], r["image_size"], r["epochs"], r["wall_s"],
-                 f"{r['val_accuracy']:.4f}", r["val_images"], *[r["f1"][c] for c in classes]]
+        cells = [
+            r["recipe"],
+            r["seed"],
+            r["model"],
+            r["image_size"],
+            r["epochs"],
+            r["wall_s"],
+            f"{r['val_accuracy']:.4f}",
+            r["val_images"],
+            *[r["f1"][c] for c in classes],
+        ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     table = "\n".join(lines)
     print(table)

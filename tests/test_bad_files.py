@@ -179,7 +179,7 @@ def _shown(path: Path) -> str:
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def test_folder_of_bad_files_trains_and_reports_each_bad_file_once(tiny_folder, tmp_path):
+def test_folder_of_bad_files_trains_and_reports_each_bad_file_once(tiny_folder, tmp_path, capsys):
     data = make_bad_folder(tiny_folder, tmp_path / "data")
     workdir = tmp_path / "run"
     status, stdout, stderr, peak = run_measured(
@@ -228,6 +228,16 @@ def test_folder_of_bad_files_trains_and_reports_each_bad_file_once(tiny_folder, 
     assert f"Skipped {len(BAD)} file(s)" in " ".join(stdout.split())
     for name in BAD:
         assert stdout.count(f"skipped {_shown(data / name)}:") == 1, name
+
+    # predict on the same folder: odd names printed and written without crashing.
+    csv_path = tmp_path / "predictions.csv"
+    capsys.readouterr()
+    folder = data / "marge_simpson"
+    assert main(["predict", str(workdir), str(folder), "--csv", str(csv_path), "--top-k", "1"]) == 0
+    printed = "".join(capsys.readouterr().out.split())  # the console wraps long paths
+    cafe = folder / "caf\udce9.jpg"
+    assert _shown(cafe) + ":" in printed
+    assert os.fsencode(cafe) + b",1," in csv_path.read_bytes()
 
 
 def test_decompression_bombs_are_refused_in_bounded_memory(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from springfield.errors import Interrupted, SpringfieldError
+from springfield.paths import printable
 from springfield.runtime import setup_runtime
 
 USAGE = """usage: springfield {train,eval,predict,report} [--help]
@@ -280,7 +281,8 @@ def _predict(argv: list[str], console: Console) -> None:
         order = [int(i) for i in p.argsort()[::-1][:k]]
         rows.append((path, [(trained.classes[i], float(p[i])) for i in order]))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
+        # surrogateescape: a non-UTF-8 file name is written as its own bytes, not a crash.
+        with open(args.csv, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             w = csv.writer(f)
             w.writerow(["path", "rank", "class", "probability"])
             for path, top in rows:
@@ -290,16 +292,19 @@ def _predict(argv: list[str], console: Console) -> None:
         if args.json:
             print(
                 json.dumps(
-                    {"path": str(path), "top": [{"class": c, "probability": pr} for c, pr in top]}
+                    {
+                        "path": printable(str(path)),
+                        "top": [{"class": c, "probability": pr} for c, pr in top],
+                    }
                 )
             )
         else:
-            console.print(f"{path}: " + ", ".join(f"{c} {pr:.3f}" for c, pr in top))
+            console.print(f"{printable(str(path))}: " + ", ".join(f"{c} {pr:.3f}" for c, pr in top))
     for path, reason in failures:
         if args.json:
-            print(json.dumps({"path": str(path), "error": reason}))
+            print(json.dumps({"path": printable(str(path)), "error": reason}))
         else:
-            console.print(f"[yellow]{path}: skipped ({reason})[/]")
+            console.print(f"[yellow]{escape(printable(str(path)))}: skipped ({reason})[/]")
 
 
 COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "report": _report}

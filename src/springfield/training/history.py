@@ -67,3 +67,11 @@ def append_metrics(workdir: Path, row: Mapping) -> None:
     """Add one epoch's row to ``<workdir>/metrics.jsonl``."""
     with open(Path(workdir) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    """The rows of ``<workdir>/metrics.jsonl`` (none if it does not exist)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

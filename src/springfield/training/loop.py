@@ -386,6 +386,8 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             console.print(f"  ... and {skipped - _SHOW_SKIPPED} more.")
 
     epoch_rows: list[dict] = list(resumed.get("history") or [])
+    if start_step and "history" not in resumed:  # its rows are in metrics.jsonl only
+        epoch_rows = history.read_metrics(workdir)
     # A mid-epoch checkpoint carries the steps already done in its epoch.
     sums: list[dict] = history.decode_steps(resumed.get("epoch_steps"))
 
