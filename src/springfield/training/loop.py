@@ -127,7 +127,8 @@ def augmented_samples(cfg: TrainConfig, split: Split) -> tuple[np.ndarray, np.nd
 
 
 def _check_resume(workdir: Path, cfg: TrainConfig, classes: list[str], meta: dict) -> None:
-    old_cfg = json.loads((workdir / "config.json").read_text())
+    # A key missing from an older run's config.json had its default then.
+    old_cfg = {**to_json(TrainConfig()), **json.loads((workdir / "config.json").read_text())}
     new_cfg = to_json(cfg)
     diffs = [
         f"--{k.replace('_', '-')} {old_cfg.get(k)} (run) vs {new_cfg.get(k)} (now)"
