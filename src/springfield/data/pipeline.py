@@ -136,12 +136,13 @@ def init_worker(index: int, count: int, *, parent: int) -> None:
 
     Ctrl-C in a terminal signals the whole process group. The trainer turns it into a clean
     stop (checkpoint, then exit) and needs its workers alive until then, so workers ignore
-    SIGINT and SIGTERM and are stopped by the trainer. A trainer killed outright (SIGKILL,
-    the OOM killer) cannot stop them, so each worker also exits once its parent is gone.
+    SIGINT. They keep SIGTERM: grain stops its workers with it when the iterator is closed,
+    and a worker that ignored it would be killed later without freeing its shared memory.
+    A trainer killed outright (SIGKILL, the OOM killer) cannot stop them, so each worker
+    also exits once its parent is gone.
     """
     del index, count
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # `parent` comes from the trainer: it may have died while this worker was starting up.
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
 
