@@ -159,7 +159,11 @@ def _evaluate(trained, data: Path | None, batch_size: int, console: Console | No
             root, image_size=trained.image_size, classes=trained.classes, console=console
         )
     predictions = run_eval(
-        make_eval_step(trained.graphdef), trained.params, trained.rest, split, batch_size
+        make_eval_step(trained.graphdef, tta=trained.config.tta),
+        trained.params,
+        trained.rest,
+        split,
+        batch_size,
     )
     result = summarise(*predictions[1:], trained.classes)
     result["skipped"] = [{"path": p, "reason": r} for p, r in split.index.skipped]

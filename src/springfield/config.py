@@ -64,6 +64,12 @@ class TrainConfig:
     label_smoothing: float = 0.0
     """Label smoothing for the cross-entropy loss (0 = none, 0.1 is common)."""
 
+    mixup: float = 0.0
+    """Mixup strength alpha (0 = off; 0.2-0.4 is common): blend pairs of training images and their labels."""
+
+    tta: bool = False
+    """Test-time augmentation: evaluate and predict on each image and its mirror image, averaged."""
+
     augment: Literal["none", "flip", "light", "standard"] = "light"
     """Augmentation in the input workers: none, flip, light (crop 70-100% + flip + mild colour jitter), standard (crop 50-100%, flip, rotation, colour jitter)."""
 

@@ -126,7 +126,7 @@ def predict_images(
     trained: TrainedModel, paths: list[Path], *, batch_size: int = 32
 ) -> tuple[list[Path], np.ndarray, list[tuple[Path, str]]]:
     """Class probabilities for each readable image: ``(paths, probs (N, C), failures)``."""
-    eval_step = make_eval_step(trained.graphdef)
+    eval_step = make_eval_step(trained.graphdef, tta=trained.config.tta)
     good, arrays, failures = [], [], []
     for p in paths:
         try:

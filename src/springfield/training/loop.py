@@ -62,6 +62,7 @@ _MUST_MATCH = (
     "group_threshold",
     "val_fraction",
     "classes",
+    "mixup",
 )
 
 
@@ -329,9 +330,13 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
     graphdef, state = init_state(model, tx)
     state = parallel.replicate(state, mesh)
     train_step = make_train_step(
-        graphdef, tx, label_smoothing=cfg.label_smoothing, skip_nonfinite=cfg.skip_nonfinite
+        graphdef,
+        tx,
+        label_smoothing=cfg.label_smoothing,
+        skip_nonfinite=cfg.skip_nonfinite,
+        mixup_alpha=cfg.mixup,
     )
-    eval_step = make_eval_step(graphdef)
+    eval_step = make_eval_step(graphdef, tta=cfg.tta)
     key = jax.random.key(cfg.seed)
 
     data_iter = to_iterator(

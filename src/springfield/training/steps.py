@@ -36,12 +36,29 @@ def _normalise(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
 
 
+def _targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    targets = jax.nn.one_hot(labels, num_classes)
+    return optax.smooth_labels(targets, smoothing) if smoothing else targets
+
+
 def _losses(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
     # log-softmax inside optax: numerically safe, unlike log(softmax(x)).
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if smoothing:
-        targets = optax.smooth_labels(targets, smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
+    return optax.softmax_cross_entropy(logits, _targets(labels, logits.shape[-1], smoothing))
+
+
+def mixup(
+    key: jax.Array, x: jax.Array, targets: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
+    """Mixup (Zhang et al., 2018): blend each image and its target with another example of the
+    batch, with one weight ``lam ~ Beta(alpha, alpha)`` for the whole batch."""
+    k_lam, k_perm = jax.random.split(key)
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    perm = jax.random.permutation(k_perm, x.shape[0])
+    # With the batch sharded over a mesh, a gather must say how its result is sharded: the
+    # same way as its input.
+    x2 = x.at[perm].get(out_sharding=jax.typeof(x).sharding)
+    t2 = targets.at[perm].get(out_sharding=jax.typeof(targets).sharding)
+    return lam * x + (1 - lam) * x2, lam * targets + (1 - lam) * t2
 
 
 def make_train_step(
@@ -50,12 +67,15 @@ def make_train_step(
     *,
     label_smoothing: float = 0.0,
     skip_nonfinite: bool = False,
+    mixup_alpha: float = 0.0,
 ):
     """``train_step(state, batch, key) -> (state, metrics)``.
 
     ``batch`` holds ``image`` (uint8 NHWC), ``label`` and ``mask``; ``metrics`` holds the
     summed loss, correct count and count over the unmasked examples, so sums over steps are
-    exact epoch totals.
+    exact epoch totals. ``mixup_alpha > 0`` trains on mixup batches (:func:`mixup`); the
+    reported loss and accuracy are then those of the mixed batch against the true labels'
+    mixed targets and the unmixed labels.
 
     ``skip_nonfinite``: for a ``tx`` wrapped in ``optax.apply_if_finite``, which drops the
     parameter update of a step with NaN/inf gradients; the step then also keeps the old
@@ -65,9 +85,15 @@ def make_train_step(
     def loss_fn(params, rest, batch, key):
         # copy=True: fresh Variables at this trace level, so BatchNorm may update its stats.
         model = nnx.merge(graphdef, params, rest, copy=True)
-        logits = model(_normalise(batch["image"]), train=True, rngs=nnx.Rngs(dropout=key))
+        x = _normalise(batch["image"])
+        mix_key, drop_key = jax.random.split(key)
+        # Every springfield model ends in a Linear called `head`.
+        targets = _targets(batch["label"], model.head.out_features, label_smoothing)
+        if mixup_alpha > 0:
+            x, targets = mixup(mix_key, x, targets, mixup_alpha)
+        logits = model(x, train=True, rngs=nnx.Rngs(dropout=drop_key))
         mask = batch["mask"]
-        losses = _losses(logits, batch["label"], label_smoothing)
+        losses = optax.softmax_cross_entropy(logits, targets)
         loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return loss, (new_rest, logits, losses)
@@ -95,13 +121,19 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: Any):
-    """``eval_step(params, rest, batch) -> (logits, per-example loss)`` in inference mode."""
+def make_eval_step(graphdef: Any, *, tta: bool = False):
+    """``eval_step(params, rest, batch) -> (logits, per-example loss)`` in inference mode.
+
+    ``tta``: average the logits of each image and its mirror image (test-time augmentation).
+    """
 
     @jax.jit
     def eval_step(params: Any, rest: Any, batch: dict):
         model = nnx.merge(graphdef, params, rest)
-        logits = model(_normalise(batch["image"]), train=False)
+        x = _normalise(batch["image"])
+        logits = model(x, train=False)
+        if tta:
+            logits = 0.5 * (logits + model(x[:, :, ::-1], train=False))
         return logits, _losses(logits, batch["label"], 0.0)
 
     return eval_step
