@@ -92,3 +92,18 @@ def test_onecycle_schedule_peaks_at_lr():
     peak = max(float(s(i)) for i in range(100))
     assert peak == pytest.approx(0.5, rel=1e-3)
     assert float(s(99)) < 0.01
+
+
+def test_fast_conv_has_the_same_gradients_as_lax(monkeypatch):
+    # springfield.models.layers only changes how XLA schedules the weight gradient.
+    from flax import nnx
+
+    grads = {}
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    for impl in ("lax", "springfield"):
+        monkeypatch.setenv("SPRINGFIELD_CONV", impl)
+        model = build_model("resnet", 3, image_size=(16, 16))
+        grads[impl] = nnx.grad(lambda m: jnp.sum(m(x, train=True) ** 2))(model)
+    leaves = [jax.tree.leaves(grads[k]) for k in ("lax", "springfield")]
+    for a, b in zip(*leaves, strict=True):
+        assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -1,10 +1,15 @@
 """Process set-up that must happen before JAX starts: XLA flags and absl flags.
 
-On CPU, XLA (jaxlib 0.10) runs convolutions through a single-threaded path by default; one
-experimental flag hands them to the multi-threaded YNN path, which trains 1.4-1.9x faster on
-two cores (shared/notes/cpu-baseline.md). An unknown XLA flag aborts the process at start-up,
-so the flag is set only for jaxlib versions it was checked on. ``SPRINGFIELD_XLA_FLAGS=0``
-turns it off.
+On CPU, XLA (jaxlib 0.10) hands each standalone convolution to YNNPACK, which ran the
+training step on one core here. One experimental flag takes ``individual_convolution`` out of
+the YNN fusion types, so convolutions run in XLA's own two-threaded (Eigen) convolution:
+training is 1.4-1.9x faster on two cores (shared/notes/cpu-baseline.md, docs/performance.md).
+YNN keeps its other default types (individual dots and reductions): dropping ``reduce`` as well
+sped some shapes up and slowed others down by as much (docs/performance.md), so it stays.
+
+An unknown XLA flag or value aborts the process at start-up, so the flag is set only for
+jaxlib versions it was checked on (tests/test_runtime.py checks the installed one).
+``SPRINGFIELD_XLA_FLAGS=0`` turns it off.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from springfield.models.activations import Activation
+from springfield.models.layers import Conv
+
+# Convolutions are springfield.models.layers.Conv: nnx.Conv with a weight gradient that does
+# not recompute BatchNorm/ReLU inside XLA's transpose (same maths, ~15% faster on CPU).
 
 # A short run's batch statistics drift too slowly with flax's default 0.99, which makes
 # eval-mode accuracy look broken after a few hundred steps.
@@ -31,15 +35,15 @@ class BasicBlock(nnx.Module):
         self, cin: int, cout: int, stride: int, *, act: Activation, rngs: nnx.Rngs
     ) -> None:
         self.act = act
-        self.conv1 = nnx.Conv(
+        self.conv1 = Conv(
             cin, cout, (3, 3), strides=stride, padding="SAME", use_bias=False, rngs=rngs
         )
         self.bn1 = _bn(cout, rngs)
-        self.conv2 = nnx.Conv(cout, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+        self.conv2 = Conv(cout, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
         self.bn2 = _bn(cout, rngs)
         self.proj = self.proj_bn = nnx.data(None)
         if stride != 1 or cin != cout:
-            self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+            self.proj = Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
             self.proj_bn = _bn(cout, rngs)
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -67,9 +71,7 @@ class ResNet(nnx.Module):
         dropout: float = 0.0,
     ) -> None:
         self.act = act
-        self.stem = nnx.Conv(
-            3, widths[0], (3, 3), strides=2, padding="SAME", use_bias=False, rngs=rngs
-        )
+        self.stem = Conv(3, widths[0], (3, 3), strides=2, padding="SAME", use_bias=False, rngs=rngs)
         self.stem_bn = _bn(widths[0], rngs)
         blocks = []
         cin = widths[0]

@@ -1,0 +1,730 @@
+"""Train/eval throughput of one CNN in springfield, PyTorch and Keras 3, on the same CPU.
+
+The same network (``refcnn`` or ``seed``: same layers, init scheme, Adam, batch, input size
+and real image batch) is trained and evaluated by
+
+* ``springfield``: springfield's own jitted steps (``make_train_step``/``make_eval_step`` on
+  ``springfield.models``), fed uint8 batches through ``parallel.shard_batch`` like the
+  training loop; plus ``springfield-xla-default`` (``SPRINGFIELD_XLA_FLAGS=0``) and
+  ``springfield-lax-conv`` (``SPRINGFIELD_CONV=lax``) to show what springfield's XLA flags
+  and its convolution layer buy;
+* ``torch-eager`` (channels_last) and ``torch-compile`` (PyTorch);
+* ``keras-tf`` (TensorFlow graph mode, oneDNN), ``keras-tf-xla`` (``jit_compile=True``) and
+  ``keras-jax`` (Keras 3 on the JAX backend, default XLA flags).
+
+Every framework lives in its own worker subprocess (no thread-pool interference, own
+environment variables). All workers start first; then, per configuration, the parent asks
+one worker at a time to build and warm up (compile time is measured alone), and then runs
+the timed repeats round-robin: repeat 1 of every framework, repeat 2 of every framework, ...
+with the starting framework rotating, so every framework sees the same machine load. Only
+one worker computes at any moment; a short pause between hand-overs lets spinning OpenMP
+threads go idle. The table shows medians over the repeats.
+
+PyTorch, TensorFlow and Keras are the ``bench`` extra only (``pip install -e '.[bench]'``,
+ideally in its own venv); springfield itself never imports them. Example::
+
+    python benchmarks/frameworks.py --configs refcnn:64:32 --repeats 3 \\
+        --frameworks springfield,torch-compile,keras-tf --json /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# What is measured
+
+
+@dataclass(frozen=True)
+class Net:
+    """Conv3x3 (SAME) -> relu -> avg-pool 2 per conv width; flatten; dense+relu; dense head."""
+
+    convs: tuple[int, ...]
+    dense: tuple[int, ...]
+
+
+NETS = {
+    "refcnn": Net(convs=(32, 64, 128), dense=(256,)),
+    "seed": Net(convs=(128, 128, 64, 32, 16), dense=(256, 64)),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One framework row: which worker process runs it and how."""
+
+    name: str
+    proc: str  # rows with the same proc share one worker process
+    env: tuple[tuple[str, str], ...] = ()
+
+
+ROWS = {
+    r.name: r
+    for r in (
+        Row("springfield", "springfield"),
+        Row(
+            "springfield-xla-default", "springfield-xla-default", (("SPRINGFIELD_XLA_FLAGS", "0"),)
+        ),
+        Row("springfield-lax-conv", "springfield-lax-conv", (("SPRINGFIELD_CONV", "lax"),)),
+        Row("torch-eager", "torch"),
+        Row("torch-compile", "torch"),
+        Row("keras-tf", "keras-tf", (("KERAS_BACKEND", "tensorflow"),)),
+        Row("keras-tf-xla", "keras-tf", (("KERAS_BACKEND", "tensorflow"),)),
+        Row("keras-jax", "keras-jax", (("KERAS_BACKEND", "jax"),)),
+    )
+}
+DEFAULT_FRAMEWORKS = (
+    "springfield,springfield-xla-default,torch-eager,torch-compile,keras-tf,keras-tf-xla,keras-jax"
+)
+DEFAULT_CONFIGS = "refcnn:64:32,refcnn:64:128,refcnn:128:128,seed:160x120:32"
+# Any other springfield model name (e.g. resnet:64:64) runs in the springfield rows only.
+
+
+@dataclass(frozen=True)
+class Config:
+    """Network, input size (height, width) and batch size."""
+
+    net: str
+    size: tuple[int, int]
+    batch: int
+    classes: int = 4
+
+    @property
+    def key(self) -> str:
+        return f"{self.net}:{self.size[0]}x{self.size[1]}:{self.batch}"
+
+    def forward_flops(self) -> float:
+        """Multiply-adds x 2 of the conv and dense layers for one image (inference); NaN for a
+        springfield-only network."""
+        if self.net not in NETS:
+            return float("nan")
+        net = NETS[self.net]
+        (h, w), cin, flops = self.size, 3, 0.0
+        for c in net.convs:
+            flops += 2.0 * h * w * 9 * cin * c
+            h, w, cin = h // 2, w // 2, c
+        fin = h * w * cin
+        for d in (*net.dense, self.classes):
+            flops += 2.0 * fin * d
+            fin = d
+        return flops
+
+    def train_flops(self) -> float:
+        # The usual convention: backward costs two forwards (input and weight gradients).
+        return 3.0 * self.forward_flops()
+
+
+def parse_config(text: str, classes: int) -> Config:
+    """``net:H[xW]:batch``, e.g. ``refcnn:64:32`` or ``seed:160x120:32``."""
+    try:
+        net, size, batch = text.split(":")
+        h, _, w = size.partition("x")
+        cfg = Config(net, (int(h), int(w or h)), int(batch), classes)
+    except ValueError:
+        raise SystemExit(
+            f"--configs {text!r}: expected NET:H[xW]:BATCH, e.g. refcnn:64:32"
+        ) from None
+    from springfield.models import MODELS
+
+    if net not in NETS and net not in MODELS:
+        raise SystemExit(
+            f"--configs {text!r}: unknown network; choose {', '.join(NETS)} (all frameworks) "
+            f"or a springfield model ({', '.join(MODELS)})"
+        )
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: each builds the network in its framework and answers timing requests.
+
+LR = 1e-3
+
+
+def _timed(fn, n: int) -> float:
+    t0 = time.perf_counter()
+    fn(n)
+    return time.perf_counter() - t0
+
+
+class Runner:
+    """Framework-neutral driver: ``train(n)``/``eval(n)`` run n steps and sync at the end."""
+
+    params: int
+
+    def train(self, n: int) -> None:
+        raise NotImplementedError
+
+    def eval(self, n: int) -> None:
+        raise NotImplementedError
+
+
+def _trunc_normal_std(fan_in: int) -> float:
+    # lecun_normal as flax and Keras define it: truncated at 2 sigma, rescaled to unit variance.
+    return (1.0 / fan_in) ** 0.5 / 0.87962566103423978
+
+
+class SpringfieldRunner(Runner):
+    """springfield's real steps on springfield's model, Adam via springfield's optimizer
+    factory, batches through ``parallel.shard_batch`` as in the training loop."""
+
+    def __init__(self, cfg: Config, images: np.ndarray, labels: np.ndarray) -> None:
+        import jax
+        import optax
+
+        from springfield import parallel
+        from springfield.models import build_model, count_params
+        from springfield.training.optim import make_optimizer
+        from springfield.training.steps import init_state, make_eval_step, make_train_step
+
+        model = build_model(cfg.net, cfg.classes, image_size=cfg.size)
+        self.params = count_params(model)
+        tx = make_optimizer("adam", optax.constant_schedule(LR))
+        graphdef, state = init_state(model, tx)
+        self.mesh = parallel.make_mesh()
+        self.state = parallel.replicate(state, self.mesh)
+        self.step = make_train_step(graphdef, tx)
+        self.eval_step = make_eval_step(graphdef)
+        self.batch = {"image": images, "label": labels, "mask": np.ones(len(labels), np.float32)}
+        self.key = jax.random.key(0)
+        self._jax = jax
+        self._shard = parallel.shard_batch
+
+    def train(self, n: int) -> None:
+        state = self.state
+        for _ in range(n):
+            state, m = self.step(state, self._shard(self.batch, self.mesh), self.key)
+        self._jax.block_until_ready((state, m))
+        self.state = state
+
+    def eval(self, n: int) -> None:
+        for _ in range(n):
+            logits, _ = self.eval_step(
+                self.state.params, self.state.rest, self._shard(self.batch, self.mesh)
+            )
+        self._jax.block_until_ready(logits)
+
+
+class TorchRunner(Runner):
+    """PyTorch, NHWC data as a channels_last tensor; eager or torch.compile."""
+
+    def __init__(self, cfg: Config, images: np.ndarray, labels: np.ndarray, compiled: bool):
+        import torch
+        from torch import nn
+
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        (h, w), cin = cfg.size, 3
+        for c in NETS[cfg.net].convs:
+            layers += [nn.Conv2d(cin, c, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)]
+            h, w, cin = h // 2, w // 2, c
+        layers.append(nn.Flatten())
+        fin = h * w * cin
+        for d in NETS[cfg.net].dense:
+            layers += [nn.Linear(fin, d), nn.ReLU()]
+            fin = d
+        layers.append(nn.Linear(fin, cfg.classes))
+        model = nn.Sequential(*layers)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                std = _trunc_normal_std(m.weight[0].numel())
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                nn.init.zeros_(m.bias)
+        self.model = model.to(memory_format=torch.channels_last)
+        self.params = sum(p.numel() for p in model.parameters())
+        self.opt = torch.optim.Adam(model.parameters(), lr=LR)
+        self.fwd = torch.compile(self.model, dynamic=False) if compiled else self.model
+        # NHWC uint8 viewed as NCHW: exactly a channels_last tensor, no copy.
+        self.x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        self.y = torch.from_numpy(labels.astype(np.int64))
+        self.torch = torch
+
+    def _norm(self, x):
+        return x.float() * (2.0 / 255.0) - 1.0
+
+    def train(self, n: int) -> None:
+        import torch.nn.functional as F
+
+        self.model.train()
+        for _ in range(n):
+            self.opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.fwd(self._norm(self.x)), self.y)
+            loss.backward()
+            self.opt.step()
+
+    def eval(self, n: int) -> None:
+        self.model.eval()
+        with self.torch.inference_mode():
+            for _ in range(n):
+                self.fwd(self._norm(self.x))
+
+
+class KerasRunner(Runner):
+    """Keras 3 on the backend named by KERAS_BACKEND (set before the worker imported it)."""
+
+    def __init__(self, cfg: Config, images: np.ndarray, labels: np.ndarray, jit: bool) -> None:
+        import keras
+        from keras import layers
+
+        keras.utils.set_random_seed(0)
+        init = keras.initializers.LecunNormal(seed=0)
+        stack: list = [
+            keras.Input((*cfg.size, 3), dtype="uint8"),
+            layers.Rescaling(2.0 / 255.0, offset=-1.0),
+        ]
+        for c in NETS[cfg.net].convs:
+            stack += [
+                layers.Conv2D(c, 3, padding="same", activation="relu", kernel_initializer=init),
+                layers.AveragePooling2D(2),
+            ]
+        stack.append(layers.Flatten())
+        for d in NETS[cfg.net].dense:
+            stack.append(layers.Dense(d, activation="relu", kernel_initializer=init))
+        stack.append(layers.Dense(cfg.classes, kernel_initializer=init))
+        self.model = keras.Sequential(stack)
+        self.model.compile(
+            optimizer=keras.optimizers.Adam(LR, epsilon=1e-8),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit,
+        )
+        self.params = self.model.count_params()
+        self.x, self.y = images, labels
+
+    def train(self, n: int) -> None:
+        for _ in range(n):
+            self.model.train_on_batch(self.x, self.y)
+
+    def eval(self, n: int) -> None:
+        for _ in range(n):
+            self.model.predict_on_batch(self.x)
+
+
+def make_runner(row: str, cfg: Config, images: np.ndarray, labels: np.ndarray) -> Runner:
+    """The runner of framework row ``row``."""
+    if row.startswith("springfield"):
+        return SpringfieldRunner(cfg, images, labels)
+    if cfg.net not in NETS:
+        raise NotImplementedError(f"{cfg.net} is a springfield-only network")
+    if row.startswith("torch"):
+        return TorchRunner(cfg, images, labels, compiled=row == "torch-compile")
+    if row.startswith("keras"):
+        return KerasRunner(cfg, images, labels, jit=row != "keras-tf")
+    raise ValueError(row)
+
+
+def gemm_gflops(proc: str, n: int = 2048, reps: int = 10) -> float:
+    """Best float32 n x n matmul rate of this worker's framework, in GFLOP/s."""
+    if proc.startswith(("springfield", "keras-jax")):
+        import jax
+        import jax.numpy as jnp
+
+        a = jnp.ones((n, n), jnp.float32)
+        mm = jax.jit(lambda a: a @ a)
+
+        def run(k):
+            for _ in range(k):
+                r = mm(a)
+            r.block_until_ready()
+    elif proc == "torch":
+        import torch
+
+        a = torch.ones(n, n)
+
+        def run(k):
+            for _ in range(k):
+                torch.mm(a, a)
+    else:
+        import tensorflow as tf
+
+        a = tf.ones((n, n))
+        mm = tf.function(lambda a: tf.linalg.matmul(a, a))
+
+        def run(k):
+            for _ in range(k):
+                r = mm(a)
+            r.numpy()
+
+    run(2)
+    best = min(_timed(run, reps) for _ in range(3)) / reps
+    return 2.0 * n**3 / best / 1e9
+
+
+def worker_main(proc: str) -> None:
+    """Answer JSON requests from the parent, one per line on stdin, until ``quit``."""
+    if proc.startswith("springfield"):
+        from springfield.runtime import setup_runtime
+
+        setup_runtime()
+    runners: dict[tuple[str, str], Runner] = {}
+    steps: dict[tuple[str, str, str], int] = {}
+    out = sys.stdout
+    sys.stdout = sys.stderr  # framework chatter must not corrupt the protocol
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req["op"]
+        try:
+            if op == "quit":
+                break
+            if op == "gemm":
+                reply = {"gflops": gemm_gflops(proc)}
+            elif op == "setup":
+                reply = _setup(req, runners, steps)
+            elif op in ("train", "eval"):
+                key = (req["row"], req["config"])
+                runner = runners[key]
+                n = steps[(*key, op)]
+                dt = _timed(runner.train if op == "train" else runner.eval, n)
+                reply = {"img_s": n * req["batch"] / dt}
+            elif op == "release":
+                runners.pop((req["row"], req["config"]), None)
+                import gc
+
+                gc.collect()
+                reply = {}
+            else:
+                raise ValueError(f"unknown op {op}")
+        except Exception as e:  # noqa: BLE001 - report any framework failure to the parent
+            import traceback
+
+            traceback.print_exc()
+            reply = {"error": f"{type(e).__name__}: {e}"[:300]}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+def _setup(req: dict, runners: dict, steps: dict) -> dict:
+    cfg = Config(req["net"], tuple(req["size"]), req["batch"], req["classes"])
+    data = np.load(req["batch_file"])
+    images, labels = data["images"], data["labels"]
+    key = (req["row"], req["config"])
+    t0 = time.perf_counter()
+    runner = make_runner(req["row"], cfg, images, labels)
+    build_s = time.perf_counter() - t0
+    first_s = _timed(runner.train, 1)
+    first_eval_s = _timed(runner.eval, 1)
+    runners[key] = runner
+    # Warm-up (also any late recompilation), then size each repeat to ~target seconds.
+    for op, fn in (("train", runner.train), ("eval", runner.eval)):
+        n, dt = 1, _timed(fn, 1)
+        while dt < req["warmup_s"]:
+            n *= 2
+            dt = _timed(fn, n)
+        steps[(*key, op)] = max(2, round(req["repeat_s"] * n / dt))
+    return {
+        "params": int(runner.params),
+        "build_s": build_s,
+        "first_step_s": first_s,
+        "first_eval_s": first_eval_s,
+        "train_steps": steps[(*key, "train")],
+        "eval_steps": steps[(*key, "eval")],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: data, scheduling, table.
+
+
+class Worker:
+    """A worker subprocess speaking one JSON line per request."""
+
+    def __init__(self, proc: str, env: dict[str, str], python: str) -> None:
+        self.proc = proc
+        full_env = {**os.environ, **env}
+        self.p = subprocess.Popen(
+            [python, "-u", __file__, "--worker", proc],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None if os.environ.get("BENCH_VERBOSE") else subprocess.DEVNULL,
+            text=True,
+            env=full_env,
+        )
+
+    def ask(self, **req) -> dict:
+        if self.p.poll() is not None:
+            return {"error": f"worker {self.proc} exited with {self.p.returncode}"}
+        self.p.stdin.write(json.dumps(req) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            return {"error": f"worker {self.proc} died (exit {self.p.wait()})"}
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            try:
+                self.ask(op="quit")
+            except (BrokenPipeError, ValueError):
+                pass
+            try:
+                self.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+
+
+def load_batch(data: Path | None, cfg: Config, out: Path) -> tuple[Path, list[str]]:
+    """``cfg.batch`` real images of ``data`` decoded by springfield's loader at ``cfg.size``,
+    a fixed seeded sample spread over the classes; saved as ``.npz`` for the workers."""
+    from springfield.data.decode import load_rgb
+    from springfield.data.index import scan_folder
+    from springfield.data.synthetic import ensure_default_dataset
+
+    root = Path(data) if data else ensure_default_dataset()
+    index = scan_folder(root)
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(index), cfg.batch, replace=cfg.batch > len(index))
+    images = np.stack([load_rgb(Path(index.paths[i]), size=cfg.size) for i in rows])
+    labels = np.asarray([index.labels[i] for i in rows], np.int32)
+    path = out / f"{cfg.net}-{cfg.size[0]}x{cfg.size[1]}-{cfg.batch}.npz"
+    np.savez(path, images=images, labels=labels)
+    return path, list(index.classes)
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+
+def idle_fraction(seconds: float = 0.5) -> float:
+    """Share of all CPUs idle over the next ``seconds`` (1.0 where /proc/stat is missing)."""
+    a = _cpu_times()
+    time.sleep(seconds)
+    b = _cpu_times()
+    if a is None or b is None or b[1] <= a[1]:
+        return 1.0
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
+def wait_idle(threshold: float, max_wait: float) -> float:
+    """Wait (at most ``max_wait`` s) until the machine is at least ``threshold`` idle, so that
+    other users' jobs on a shared machine disturb the timed repeat as little as possible."""
+    deadline = time.monotonic() + max_wait
+    idle = idle_fraction()
+    while idle < threshold and time.monotonic() < deadline:
+        idle = idle_fraction()
+    return idle
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    names = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    for name in names:
+        if name not in ROWS:
+            raise SystemExit(f"--frameworks {name!r}: unknown; choose from {', '.join(ROWS)}")
+    if "springfield" not in names:
+        names.insert(0, "springfield")  # the ratio column needs it
+    tmp = Path(tempfile.mkdtemp(prefix="springfield-bench-"))
+    say = print if not args.quiet else (lambda *a, **k: None)
+
+    # Data first (decoding must not overlap the measurements), then the workers.
+    configs, batches = [], {}
+    for text in args.configs.split(","):
+        cfg = parse_config(text.strip(), classes=4)
+        path, classes = load_batch(args.data, cfg, tmp)
+        cfg = Config(cfg.net, cfg.size, cfg.batch, len(classes))
+        configs.append(cfg)
+        batches[cfg.key] = path
+    procs: dict[str, Worker] = {}
+    for name in names:
+        row = ROWS[name]
+        if row.proc not in procs:
+            env = dict(row.env)
+            if row.proc == "torch":
+                # A fresh inductor cache: torch.compile's first step is then a cold compile,
+                # like JAX's (which has no persistent cache here), not a cache hit.
+                env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor")
+            procs[row.proc] = Worker(row.proc, env, args.python)
+    say(f"workers: {', '.join(procs)}; configs: {', '.join(c.key for c in configs)}")
+
+    peaks = {}
+    for proc, w in procs.items():
+        r = w.ask(op="gemm")
+        if "gflops" in r:
+            peaks[proc] = r["gflops"]
+        time.sleep(args.pause)
+    peak = max(peaks.values(), default=float("nan"))
+    say("GEMM 2048^3 float32 GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
+
+    results = []
+    try:
+        for cfg in configs:
+            live, info = [], {}
+            for name in names:
+                w = procs[ROWS[name].proc]
+                r = w.ask(
+                    op="setup",
+                    row=name,
+                    config=cfg.key,
+                    net=cfg.net,
+                    size=list(cfg.size),
+                    batch=cfg.batch,
+                    classes=cfg.classes,
+                    batch_file=str(batches[cfg.key]),
+                    warmup_s=args.warmup,
+                    repeat_s=args.repeat_seconds,
+                )
+                time.sleep(args.pause)
+                if "error" in r:
+                    say(f"  {name} {cfg.key}: {r['error']}")
+                    continue
+                info[name] = r
+                live.append(name)
+                first, params = r["first_step_s"], r["params"]
+                say(f"  {name} {cfg.key}: first step {first:.2f} s, {params:,} params")
+            times: dict[tuple[str, str], list[float]] = {
+                (n, o): [] for n in live for o in ("train", "eval")
+            }
+            idles: dict[tuple[str, str], list[float]] = {k: [] for k in times}
+            for rep in range(args.repeats):
+                order = live[rep % len(live) :] + live[: rep % len(live)]
+                for op in ("train", "eval"):
+                    for name in order:
+                        if args.wait_idle > 0:
+                            idles[(name, op)].append(wait_idle(args.wait_idle, args.wait_max))
+                        r = procs[ROWS[name].proc].ask(
+                            op=op, row=name, config=cfg.key, batch=cfg.batch
+                        )
+                        time.sleep(args.pause)
+                        if "img_s" in r:
+                            times[(name, op)].append(r["img_s"])
+            for name in live:
+                procs[ROWS[name].proc].ask(op="release", row=name, config=cfg.key)
+                tr, ev = times[(name, "train")], times[(name, "eval")]
+                if not tr or not ev:
+                    continue
+                train_img_s, eval_img_s = float(np.median(tr)), float(np.median(ev))
+                gflops = _finite(train_img_s * cfg.train_flops() / 1e9)
+                results.append(
+                    {
+                        "framework": name,
+                        "network": cfg.net,
+                        "image_size": list(cfg.size),
+                        "batch_size": cfg.batch,
+                        "train_img_s": train_img_s,
+                        "eval_img_s": eval_img_s,
+                        "first_step_s": info[name]["first_step_s"],
+                        "gflops": gflops,
+                        "peak_fraction": _finite(gflops / peak) if gflops else None,
+                        "eval_gflops": _finite(eval_img_s * cfg.forward_flops() / 1e9),
+                        "train_img_s_runs": tr,
+                        "eval_img_s_runs": ev,
+                        "first_eval_s": info[name]["first_eval_s"],
+                        "params": info[name]["params"],
+                        "gemm_peak_gflops": peak,
+                        "idle_before_train_repeats": idles[(name, "train")],
+                    }
+                )
+            _add_ratios(results)
+            say(markdown(results, peak, args))
+    finally:
+        for w in procs.values():
+            w.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def _finite(x: float) -> float | None:
+    # JSON has no NaN: unknown values (FLOPs of a springfield-only network) become null.
+    return x if np.isfinite(x) else None
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _add_ratios(results: list[dict]) -> None:
+    base = {
+        (r["network"], tuple(r["image_size"]), r["batch_size"]): r
+        for r in results
+        if r["framework"] == "springfield"
+    }
+    for r in results:
+        b = base.get((r["network"], tuple(r["image_size"]), r["batch_size"]))
+        if b:
+            # springfield / this row: above 1 means springfield is faster.
+            r["springfield_train_ratio"] = b["train_img_s"] / r["train_img_s"]
+            r["springfield_eval_ratio"] = b["eval_img_s"] / r["eval_img_s"]
+
+
+def markdown(results: list[dict], peak: float, args: argparse.Namespace) -> str:
+    """The results as one markdown table (plus a line on how they were measured)."""
+    head = (
+        "| framework | network | input | batch | train img/s | eval img/s | first step s "
+        "| train GFLOP/s | of GEMM peak | springfield / this, train | springfield / this, eval |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in results:
+        tr = r["train_img_s_runs"]
+        lines.append(
+            f"| {r['framework']} | {r['network']} | {r['image_size'][0]}x{r['image_size'][1]} "
+            f"| {r['batch_size']} | {r['train_img_s']:.0f} ({min(tr):.0f}-{max(tr):.0f}) "
+            f"| {r['eval_img_s']:.0f} | {r['first_step_s']:.2f} | {_fmt(r['gflops'], '.0f')} "
+            f"| {_fmt(r['peak_fraction'], '.0%')} "
+            f"| {_fmt(r.get('springfield_train_ratio'), '.2f')} "
+            f"| {_fmt(r.get('springfield_eval_ratio'), '.2f')} |"
+        )
+    note = (
+        f"\nfloat32, median of {args.repeats} interleaved repeats of ~{args.repeat_seconds:g} s; "
+        f"GEMM peak {peak:.0f} GFLOP/s (best 2048^3 matmul of any framework in this run); "
+        "train GFLOP/s = 3 x forward conv+dense FLOPs x img/s; first step includes compilation.\n"
+    )
+    return head + "\n".join(lines) + "\n" + note
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--frameworks", default=DEFAULT_FRAMEWORKS, help=f"comma list of {', '.join(ROWS)}"
+    )
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of NET:H[xW]:BATCH")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per framework (median)")
+    p.add_argument("--repeat-seconds", type=float, default=2.0, help="length of one repeat")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up after compiling")
+    p.add_argument("--pause", type=float, default=0.5, help="idle seconds between hand-overs")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="before each repeat wait until this share of the CPUs is idle (shared machines)",
+    )
+    p.add_argument("--wait-max", type=float, default=60.0, help="longest wait, seconds")
+    p.add_argument("--data", type=Path, default=None, help="image folder (default: synthetic set)")
+    p.add_argument("--json", type=Path, default=None, help="write the rows as a JSON list")
+    p.add_argument("--markdown", type=Path, default=None, help="write the table as markdown")
+    p.add_argument("--python", default=sys.executable, help="interpreter of the worker processes")
+    p.add_argument("--quiet", action="store_true", help="print only the final table")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker_main(args.worker)
+        return
+    t0 = time.time()
+    load = os.getloadavg()[0]
+    results = run(args)
+    table = markdown(results, results[0]["gemm_peak_gflops"] if results else float("nan"), args)
+    footer = (
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average {load:.2f} at "
+        f"start / {os.getloadavg()[0]:.2f} at end, {time.time() - t0:.0f} s\n"
+    )
+    print("\n" + table + footer)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table + footer)
+
+
+if __name__ == "__main__":
+    main()

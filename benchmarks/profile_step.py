@@ -1,0 +1,227 @@
+"""Where one springfield train (or eval) step spends its time on this CPU.
+
+Builds a springfield model, compiles springfield's own step and prints
+
+* XLA's cost analysis of the compiled step (FLOPs, bytes accessed);
+* the step time (best of a few timed groups) and the implied GFLOP/s;
+* the slowest XLA thunks in a ``jax.profiler`` trace (fusions, convolutions, YNN/Eigen
+  calls, by HLO name). Convolutions run asynchronously in Eigen's thread pool, so their
+  trace events show only the hand-off: their cost shows up as the gap between the step time
+  and the sum of the listed fusions.
+
+``--conv-layers`` times each convolution of the model alone (forward, input gradient,
+weight gradient) at the shapes the step uses, with ``lax.conv_general_dilated``.
+
+``--compare-conv`` instead times the step with springfield's convolution layer and with
+plain ``lax.conv_general_dilated`` (``SPRINGFIELD_CONV=lax``) in one process, interleaved.
+
+    python benchmarks/profile_step.py --model resnet --batch 64 --top 15
+    python benchmarks/profile_step.py --model resnet --batch 64 --compare-conv
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def build(model_name: str, size: tuple[int, int], batch: int, mode: str):
+    """(step function, its arguments, a function that advances the arguments) on a fixed batch."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from springfield.models import build_model
+    from springfield.training.optim import make_optimizer
+    from springfield.training.steps import init_state, make_eval_step, make_train_step
+
+    model = build_model(model_name, 4, image_size=size)
+    tx = make_optimizer("adam", optax.constant_schedule(1e-3))
+    graphdef, state = init_state(model, tx)
+    rng = np.random.default_rng(0)
+    data = {
+        "image": jnp.asarray(rng.integers(0, 256, (batch, *size, 3), dtype=np.uint8)),
+        "label": jnp.asarray(rng.integers(0, 4, batch).astype(np.int32)),
+        "mask": jnp.ones(batch, jnp.float32),
+    }
+    if mode == "train":
+        step = make_train_step(graphdef, tx)
+        args = [state, data, jax.random.key(0)]
+
+        def run(args):
+            new_state, metrics = step(*args)
+            return [new_state, data, args[2]], metrics
+
+        return step, args, run
+    step = make_eval_step(graphdef)
+    args = [state.params, state.rest, data]
+    return step, args, lambda args: (args, step(*args))
+
+
+def time_step(run, args, groups: int = 5, per_group: int = 5) -> tuple[float, list]:
+    """Best seconds per step over ``groups`` timed groups, and the advanced arguments."""
+    import jax
+
+    args, out = run(args)
+    jax.block_until_ready(out)
+    best = float("inf")
+    for _ in range(groups):
+        t0 = time.perf_counter()
+        for _ in range(per_group):
+            args, out = run(args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - t0) / per_group)
+    return best, args
+
+
+def top_thunks(run, args, steps: int = 3, top: int = 15) -> list[tuple[str, float]]:
+    """Milliseconds per step of the slowest XLA thunks in a profiler trace."""
+    import jax
+    from jax.profiler import ProfileData
+
+    folder = tempfile.mkdtemp(prefix="springfield-profile-")
+    with jax.profiler.trace(folder):
+        for _ in range(steps):
+            args, out = run(args)
+            jax.block_until_ready(out)
+    trace = ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    total: collections.Counter = collections.Counter()
+    for plane in trace.planes:
+        for line in plane.lines:
+            if "Eigen" not in line.name and "PjRt" not in line.name:
+                continue
+            for event in line.events:
+                if not event.name.startswith(("ThunkExecutor", "end:", "Threadpool")):
+                    total[event.name] += event.duration_ns
+    return [(name, ns / steps / 1e6) for name, ns in total.most_common(top)]
+
+
+def conv_shapes(model_name: str, size: tuple[int, int], batch: int) -> list[dict]:
+    """Arguments of every convolution in one forward pass (recorded during tracing)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from springfield.models import build_model
+
+    model = build_model(model_name, 4, image_size=size)
+    seen: list[dict] = []
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Conv):
+            inner = module.conv_general_dilated
+
+            def record(lhs, rhs, *args, _inner=inner, **kw):
+                seen.append(dict(x=lhs.shape, w=rhs.shape, args=args, kw=kw))
+                return _inner(lhs, rhs, *args, **kw)
+
+            module.conv_general_dilated = record
+    jax.eval_shape(lambda x: model(x, train=True), jnp.zeros((batch, *size, 3)))
+    return seen
+
+
+def time_conv_layers(model_name: str, size: tuple[int, int], batch: int) -> None:
+    """Print fwd / input-gradient / weight-gradient time and GFLOP/s of each convolution."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    print("| conv | x | pass | ms | GFLOP/s |\n|---|---|---|---:|---:|")
+    total_s = total_flops = 0.0
+    for i, c in enumerate(conv_shapes(model_name, size, batch)):
+        x = jnp.ones(c["x"], jnp.float32)
+        w = jnp.full(c["w"], 0.01, jnp.float32)
+
+        def conv(x, w, c=c):
+            return lax.conv_general_dilated(x, w, *c["args"], **c["kw"])
+
+        y = jax.eval_shape(conv, x, w)
+        dy = jnp.ones(y.shape, jnp.float32)
+        # Multiply-adds x 2: every output element sums kh * kw * cin/groups products.
+        flops = 2.0 * np.prod(y.shape) * np.prod(c["w"][:-1])
+        passes = {
+            "forward": (jax.jit(conv), (x, w)),
+            "weight grad": (
+                jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)),
+                (x, w, dy),
+            ),
+        }
+        if i > 0:  # the first layer's input (the image) needs no gradient
+            passes["input grad"] = (
+                jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)),
+                (x, w, dy),
+            )
+        for name, (fn, fargs) in passes.items():
+            seconds, _ = time_step(lambda a, fn=fn: (a, fn(*a)), list(fargs), groups=3)
+            total_s += seconds
+            total_flops += flops
+            print(
+                f"| {i} {c['w'][2]}->{c['w'][3]} | {'x'.join(map(str, c['x'][1:3]))} | {name} "
+                f"| {seconds * 1e3:.2f} | {flops / seconds / 1e9:.0f} |"
+            )
+    print(f"| all | | | {total_s * 1e3:.1f} | {total_flops / total_s / 1e9:.0f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="refcnn")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--mode", choices=("train", "eval"), default="train")
+    p.add_argument("--top", type=int, default=15, help="how many thunks to list")
+    p.add_argument("--compare-conv", action="store_true", help="A/B springfield vs lax convs")
+    p.add_argument("--conv-layers", action="store_true", help="time each convolution alone")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare-conv")
+    args = p.parse_args()
+    if args.top:
+        # Trace events per XLA thunk; must be set before JAX starts.
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+        ).strip()
+    from springfield.runtime import setup_runtime
+
+    setup_runtime()
+    from springfield.models import model_spec
+
+    size = tuple(args.image_size or model_spec(args.model).image_size)
+    label = f"{args.model} {size[0]}x{size[1]} batch {args.batch} {args.mode}"
+    if args.conv_layers:
+        time_conv_layers(args.model, size, args.batch)
+        return
+    if args.compare_conv:
+        runs = {}
+        for impl in ("lax", "springfield"):
+            os.environ["SPRINGFIELD_CONV"] = impl  # read when the model is built
+            _, step_args, run = build(args.model, size, args.batch, args.mode)
+            runs[impl] = [run, step_args, []]
+        for _ in range(args.rounds):
+            for r in runs.values():
+                seconds, r[1] = time_step(r[0], r[1], groups=1)
+                r[2].append(args.batch / seconds)
+        print(f"| conv ({label}) | img/s median | best |\n|---|---:|---:|")
+        for impl, (_, _, rates) in runs.items():
+            print(f"| {impl} | {np.median(rates):.0f} | {max(rates):.0f} |")
+        return
+    step, step_args, run = build(args.model, size, args.batch, args.mode)
+    cost = step.lower(*step_args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops, nbytes = cost.get("flops", float("nan")), cost.get("bytes accessed", float("nan"))
+    seconds, step_args = time_step(run, step_args)
+    print(
+        f"{label}: {seconds * 1e3:.1f} ms/step = {args.batch / seconds:.0f} img/s; XLA cost "
+        f"analysis {flops / 1e9:.2f} GFLOP, {nbytes / 1e6:.0f} MB accessed per step -> "
+        f"{flops / seconds / 1e9:.0f} GFLOP/s"
+    )
+    if args.top:
+        print("\n| thunk | ms/step |\n|---|---:|")
+        for name, ms in top_thunks(run, step_args, top=args.top):
+            print(f"| {name} | {ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
