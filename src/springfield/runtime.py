@@ -34,6 +34,23 @@ def xla_flags_wanted() -> list[str]:
     return [CPU_CONV_FLAG] if jaxlib_version.startswith(CHECKED_JAXLIB) else []
 
 
+# Evaluation batches up to this size compile without YNN's reduce fusion (see below).
+SMALL_EVAL_BATCH = 64
+
+
+def eval_compiler_options(batch_size: int) -> dict[str, str]:
+    """Per-compilation XLA options for an evaluation step over ``batch_size`` images.
+
+    With YNN's ``reduce`` fusion type XLA runs the whole forward pass as one YNNPACK graph:
+    1.4-1.5x faster than XLA's own kernels at 128 images per batch, 1.4-2x slower at 32-64
+    (refcnn, seed, resnet; docs/performance.md). Small batches therefore compile with YNN
+    kept to individual dots. Empty where springfield's flags are off or unchecked.
+    """
+    if batch_size > SMALL_EVAL_BATCH or not xla_flags_wanted():
+        return {}
+    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
 def setup_runtime() -> None:
     """Add springfield's XLA flags (before JAX initialises) and mark absl flags parsed.
 

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from springfield.runtime import eval_compiler_options
+
 
 class TrainState(NamedTuple):
     """Everything that changes during training and goes into a checkpoint."""
@@ -127,7 +129,6 @@ def make_eval_step(graphdef: Any, *, tta: bool = False):
     ``tta``: average the logits of each image and its mirror image (test-time augmentation).
     """
 
-    @jax.jit
     def eval_step(params: Any, rest: Any, batch: dict):
         model = nnx.merge(graphdef, params, rest)
         x = _normalise(batch["image"])
@@ -136,7 +137,19 @@ def make_eval_step(graphdef: Any, *, tta: bool = False):
             logits = 0.5 * (logits + model(x[:, :, ::-1], train=False))
         return logits, _losses(logits, batch["label"], 0.0)
 
-    return eval_step
+    # XLA:CPU's fastest fusion choice depends on the batch size: see eval_compiler_options.
+    jitted: dict[tuple, Any] = {}
+
+    def dispatch(params: Any, rest: Any, batch: dict):
+        options = {}
+        if jax.default_backend() == "cpu":
+            options = eval_compiler_options(batch["image"].shape[0])
+        key = tuple(sorted(options.items()))
+        if key not in jitted:
+            jitted[key] = jax.jit(eval_step, compiler_options=options or None)
+        return jitted[key](params, rest, batch)
+
+    return dispatch
 
 
 @jax.jit
