@@ -7,12 +7,17 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from springfield.cli import main
 from springfield.config import preset_config
+from springfield.evaluate import load_run
 from springfield.models import build_model
+from springfield.training import checkpoint
+from springfield.training.optim import averaged_params, params_ema
 from springfield.training.steps import _normalise, make_eval_step, mixup
 
 
@@ -86,3 +91,67 @@ def test_training_with_mixup_and_tta_and_the_simpsons_preset(tiny_folder, tmp_pa
 def test_presets_are_complete_configs(name):
     cfg = preset_config(name)
     assert cfg.epochs > 0 and cfg.lr > 0
+
+
+def test_params_ema_follows_its_recurrence_and_is_skipped_on_nonfinite_steps():
+    tx = optax.chain(optax.sgd(0.1), params_ema(0.9))
+    params = {"w": jnp.array([1.0, -2.0])}
+    state = tx.init(params)
+    expected_ema, p = np.array([1.0, -2.0]), np.array([1.0, -2.0])
+    for t in range(30):
+        grads = {"w": params["w"] * 2.0}  # gradient of |w|^2
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        p = p - 0.1 * 2.0 * p
+        d = min(0.9, (1 + t) / (10 + t))
+        expected_ema = d * expected_ema + (1 - d) * p
+    np.testing.assert_allclose(params["w"], p, rtol=1e-6)
+    np.testing.assert_allclose(averaged_params(state)["w"], expected_ema, rtol=1e-5)
+    assert not np.allclose(expected_ema, p)
+
+    guarded = optax.apply_if_finite(tx, max_consecutive_errors=5)
+    gstate = guarded.init(params)
+    before = averaged_params(gstate)["w"]
+    _, gstate = guarded.update({"w": jnp.array([jnp.nan, 0.0])}, gstate, params)
+    np.testing.assert_array_equal(averaged_params(gstate)["w"], before)
+
+
+def test_training_with_ema_evaluates_and_saves_the_average(tiny_folder, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    args = ["--data", str(tiny_folder), "--workdir", str(workdir), "--epochs", "2"]
+    args += ["--image-size", "32", "32", "--batch-size", "8", "--workers", "0", "--ema", "0.9"]
+    assert main(["train", *args, "--no-report", "--no-tensorboard"]) == 0
+    trained = load_run(workdir)
+    manager = checkpoint.open_manager(workdir)
+    state_only = ocp.args.Composite(state=ocp.args.StandardRestore())
+    raw = manager.restore(manager.latest_step(), args=state_only)["state"]["params"]
+    manager.close()
+    # load_run hands out the average, which differs from the raw weights...
+    leaves = jax.tree.leaves(trained.params)
+    assert not all(np.allclose(a, b) for a, b in zip(leaves, jax.tree.leaves(raw), strict=True))
+    # ...and the final evaluation of training is the evaluation of that average.
+    capsys.readouterr()
+    assert main(["eval", str(workdir), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    trained_eval = json.loads((workdir / "eval.json").read_text())
+    assert again["num_images"] == trained_eval["num_images"] == 12
+    np.testing.assert_allclose(again["loss"], trained_eval["loss"], rtol=1e-5)
+    assert main(["train", *args[:-2], "--ema", "1.5"]) == 2
+
+
+def test_early_stop_ends_the_run_and_a_rerun_stays_stopped(tiny_folder, tmp_path, capsys):
+    # With a zero learning rate and no BatchNorm (refcnn) the validation loss never
+    # changes, so it stops improving after the first epoch.
+    workdir = tmp_path / "run"
+    args = ["train", "--data", str(tiny_folder), "--workdir", str(workdir), "--model", "refcnn"]
+    args += ["--image-size", "32", "32", "--batch-size", "8", "--workers", "0", "--epochs", "6"]
+    args += ["--lr", "0", "--schedule", "constant", "--early-stop", "2", "--no-report"]
+    assert main([*args, "--no-tensorboard"]) == 0
+    out = capsys.readouterr().out
+    assert "Stopped early after epoch 3" in out and "at epoch 1" in out
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert main([*args, "--no-tensorboard"]) == 0
+    rows = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and "Stopped early after epoch 3" in capsys.readouterr().out
+    assert main([*args[:-3], "--early-stop", "-1"]) == 2

@@ -67,6 +67,12 @@ class TrainConfig:
     mixup: float = 0.0
     """Mixup strength alpha (0 = off; 0.2-0.4 is common): blend pairs of training images and their labels."""
 
+    ema: float = 0.0
+    """Evaluate and save an exponential moving average of the weights with this decay (0 = off; 0.99-0.999 is common)."""
+
+    early_stop: int = 0
+    """Stop when the validation loss has not improved for this many epochs (0 = never). The run keeps the last epoch's weights, not the best: picking weights by validation loss would make the reported validation accuracy optimistic."""
+
     tta: bool = False
     """Test-time augmentation: evaluate and predict on each image and its mirror image, averaged."""
 

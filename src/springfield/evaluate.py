@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from springfield.config import TrainConfig, from_json
@@ -23,7 +22,7 @@ from springfield.data.decode import load_rgb
 from springfield.errors import BadImageError, SpringfieldError
 from springfield.models import build_model
 from springfield.training import checkpoint
-from springfield.training.optim import make_optimizer, make_schedule
+from springfield.training.optim import averaged_params, build_optimizer, make_schedule
 from springfield.training.steps import TrainState, make_eval_step
 
 
@@ -85,14 +84,9 @@ def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
         seed=cfg.seed,
     )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    # The optimizer state is restored too (orbax needs the full tree) and then dropped.
-    tx = make_optimizer(
-        cfg.optimizer,
-        make_schedule(cfg.schedule, lr=cfg.lr, total_steps=2, warmup_steps=0),
-        weight_decay=cfg.weight_decay,
-    )
-    if cfg.skip_nonfinite:  # as in training: the wrapper has its own optimizer state
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
+    # The optimizer state is restored too (orbax needs the full tree); only the --ema
+    # average, when kept, is used from it.
+    tx = build_optimizer(cfg, make_schedule(cfg.schedule, lr=cfg.lr, total_steps=2, warmup_steps=0))
     target = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
     try:
         state = checkpoint.restore(manager, step, target)
@@ -103,7 +97,9 @@ def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
         ) from None
     finally:
         manager.close()
-    return TrainedModel(run_dir, cfg, classes, graphdef, state.params, state.rest, step)
+    params = averaged_params(state.opt_state)
+    params = state.params if params is None else params
+    return TrainedModel(run_dir, cfg, classes, graphdef, params, state.rest, step)
 
 
 def _check_meta(run_dir: Path, step: int, meta: dict, cfg: TrainConfig, classes: list) -> None:

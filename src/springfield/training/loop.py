@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -40,8 +41,14 @@ from springfield.paths import printable
 from springfield.training import checkpoint, history
 from springfield.training.interrupts import stop_requests
 from springfield.training.metrics import summarise
-from springfield.training.optim import make_optimizer, make_schedule
-from springfield.training.steps import all_finite, init_state, make_eval_step, make_train_step
+from springfield.training.optim import averaged_params, build_optimizer, make_schedule
+from springfield.training.steps import (
+    TrainState,
+    all_finite,
+    init_state,
+    make_eval_step,
+    make_train_step,
+)
 
 # Settings that must match between a run folder and a resumed run.
 _MUST_MATCH = (
@@ -73,6 +80,23 @@ _SHOW_SKIPPED = 20
 def default_workdir() -> Path:
     """``runs/<timestamp>`` in the current folder."""
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def eval_params(state: TrainState) -> Any:
+    """The parameters to evaluate and predict with: the ``--ema`` average when kept."""
+    averaged = averaged_params(state.opt_state)
+    return state.params if averaged is None else averaged
+
+
+def stopped_early(epoch_rows: list[dict], cfg: TrainConfig) -> dict | None:
+    """The best epoch's row when ``--early-stop`` ends the run after ``epoch_rows``, else None.
+
+    Derived from the epoch history alone, so a resumed run stops at the same epoch.
+    """
+    if cfg.early_stop <= 0 or not epoch_rows:
+        return None
+    best = min(epoch_rows, key=lambda r: r["val_loss"])
+    return best if epoch_rows[-1]["epoch"] - best["epoch"] >= cfg.early_stop else None
 
 
 def run_eval(
@@ -270,8 +294,12 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
     # Refuse bad names and sizes before minutes of data preparation, not after.
     check_image_size(cfg.model, image_size)
     get_activation(cfg.activation)
-    make_optimizer(cfg.optimizer, optax.constant_schedule(cfg.lr))
+    build_optimizer(cfg, optax.constant_schedule(cfg.lr))
     _make_workdir(workdir)
+    if cfg.early_stop < 0:
+        raise SpringfieldError(
+            f"--early-stop {cfg.early_stop}: must be 0 (off) or a number of epochs."
+        )
     if cfg.checkpoint_every < 0:
         raise SpringfieldError(
             f"--checkpoint-every {cfg.checkpoint_every}: must be 0 (epoch ends only) or a "
@@ -324,9 +352,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
         total_steps=total_steps,
         warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
     )
-    tx = make_optimizer(cfg.optimizer, schedule, weight_decay=cfg.weight_decay)
-    if cfg.skip_nonfinite:
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
+    tx = build_optimizer(cfg, schedule)
     graphdef, state = init_state(model, tx)
     state = parallel.replicate(state, mesh)
     train_step = make_train_step(
@@ -436,7 +462,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             task = progress.add_task(
                 "train", total=total_steps, completed=step, epoch=1, epochs=cfg.epochs, loss="-"
             )
-            while step < total_steps and not stop:
+            while step < total_steps and not stop and not stopped_early(epoch_rows, cfg):
                 epoch = step // steps_per_epoch + 1
                 epoch_end = epoch * steps_per_epoch
                 progress.update(task, epoch=epoch)
@@ -482,7 +508,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
                 tot = history.epoch_totals(sums)
                 seconds = time.perf_counter() - t_epoch
                 _, labels, probs, losses = run_eval(
-                    eval_step, state.params, state.rest, val_split, cfg.batch_size, mesh
+                    eval_step, eval_params(state), state.rest, val_split, cfg.batch_size, mesh
                 )
                 val = summarise(labels, probs, losses, classes)
                 row = {
@@ -544,10 +570,17 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             data_iter.close()
 
     rows, labels, probs, losses = run_eval(
-        eval_step, state.params, state.rest, val_split, cfg.batch_size, mesh
+        eval_step, eval_params(state), state.rest, val_split, cfg.batch_size, mesh
     )
     final = summarise(labels, probs, losses, classes)
     if is_main:
+        early = stopped_early(epoch_rows, cfg)
+        if early:
+            console.print(
+                f"Stopped early after epoch {epoch_rows[-1]['epoch']}: validation loss has not "
+                f"improved for {cfg.early_stop} epochs (best {early['val_loss']:.4f} at epoch "
+                f"{early['epoch']})."
+            )
         save_json(final, workdir / "eval.json")
         if cfg.report:
             _write_report(

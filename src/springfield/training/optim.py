@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from springfield.errors import SpringfieldError
+
+if TYPE_CHECKING:
+    from springfield.config import TrainConfig
 
 # Optimizers whose own weight_decay argument is the decoupled (AdamW-style) kind.
 _DECOUPLED = {"adamw", "lion", "lamb", "adan", "novograd"}
@@ -78,4 +84,63 @@ def make_optimizer(
         tx = fn(schedule)
     if weight_decay:
         tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
+    return tx
+
+
+class ParamsEmaState(NamedTuple):
+    """State of :func:`params_ema`: the number of updates seen and the averaged parameters."""
+
+    count: jax.Array
+    ema: optax.Params
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+    """Keep an exponential moving average of the parameters in the optimizer state.
+
+    Goes last in a chain: it passes ``updates`` through unchanged and averages
+    ``params + updates``. The decay warms up as ``min(decay, (1 + t) / (10 + t))`` so
+    that the average does not remember the random initialisation for thousands of steps.
+    Living in the optimizer state, the average is checkpointed, restored, sharded and
+    skipped on non-finite steps (``optax.apply_if_finite``) like any other optimizer
+    state. Read it with :func:`averaged_params`.
+    """
+
+    def init(params: optax.Params) -> ParamsEmaState:
+        return ParamsEmaState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params))
+
+    def update(updates, state: ParamsEmaState, params=None):
+        if params is None:
+            raise ValueError("params_ema needs the parameters: call tx.update(g, s, params).")
+        t = state.count.astype(jnp.float32)
+        d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+        new = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, new)
+        return updates, ParamsEmaState(state.count + 1, ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def averaged_params(opt_state: Any) -> optax.Params | None:
+    """The parameter average kept by :func:`params_ema` in ``opt_state``, or None."""
+    if isinstance(opt_state, ParamsEmaState):
+        return opt_state.ema
+    if isinstance(opt_state, tuple):  # chains and wrapper states (named tuples too)
+        for part in opt_state:
+            found = averaged_params(part)
+            if found is not None:
+                return found
+    return None
+
+
+def build_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The optimizer a run of ``cfg`` trains with: ``--optimizer`` with ``--weight-decay``,
+    then the ``--ema`` average, all inside ``--skip-nonfinite``'s guard. Evaluation builds
+    the same one to restore a checkpoint's optimizer state."""
+    tx = make_optimizer(cfg.optimizer, schedule, weight_decay=cfg.weight_decay)
+    if cfg.ema:
+        if not 0.0 < cfg.ema < 1.0:
+            raise SpringfieldError(f"--ema {cfg.ema}: use a decay between 0 and 1, e.g. 0.999.")
+        tx = optax.chain(tx, params_ema(cfg.ema))
+    if cfg.skip_nonfinite:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
     return tx
