@@ -137,6 +137,10 @@ def test_training_with_ema_evaluates_and_saves_the_average(tiny_folder, tmp_path
     assert again["num_images"] == trained_eval["num_images"] == 12
     np.testing.assert_allclose(again["loss"], trained_eval["loss"], rtol=1e-5)
     assert main(["train", *args[:-2], "--ema", "1.5"]) == 2
+    # Resuming with another average (or none) would not match the checkpoint's state.
+    capsys.readouterr()
+    assert main(["train", *args[:-2], "--ema", "0.5", "--no-tensorboard"]) == 2
+    assert "--ema 0.9 (run) vs 0.5 (now)" in " ".join(capsys.readouterr().err.split())
 
 
 def test_early_stop_ends_the_run_and_a_rerun_stays_stopped(tiny_folder, tmp_path, capsys):

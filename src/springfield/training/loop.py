@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,7 @@ from springfield.errors import Interrupted, SpringfieldError
 from springfield.models import build_model, check_image_size, count_params, model_spec
 from springfield.models.activations import get_activation
 from springfield.paths import printable
-from springfield.training import checkpoint, history
+from springfield.training import checkpoint, history, run_folder
 from springfield.training.interrupts import stop_requests
 from springfield.training.metrics import summarise
 from springfield.training.optim import averaged_params, build_optimizer, make_schedule
@@ -50,36 +48,8 @@ from springfield.training.steps import (
     make_train_step,
 )
 
-# Settings that must match between a run folder and a resumed run.
-_MUST_MATCH = (
-    "model",
-    "activation",
-    "image_size",
-    "workers",
-    "batch_size",
-    "seed",
-    "epochs",
-    "optimizer",
-    "lr",
-    "schedule",
-    "augment",
-    "data",
-    "skip_nonfinite",
-    "split_by_group",
-    "group_threshold",
-    "val_fraction",
-    "classes",
-    "mixup",
-)
-
-
 # Skipped files listed on the console; skipped.txt has them all.
 _SHOW_SKIPPED = 20
-
-
-def default_workdir() -> Path:
-    """``runs/<timestamp>`` in the current folder."""
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def eval_params(state: TrainState) -> Any:
@@ -151,54 +121,6 @@ def augmented_samples(cfg: TrainConfig, split: Split) -> tuple[np.ndarray, np.nd
     return batch["image"], batch["label"]
 
 
-def _check_resume(workdir: Path, cfg: TrainConfig, classes: list[str], meta: dict) -> None:
-    # A key missing from an older run's config.json had its default then.
-    old_cfg = {**to_json(TrainConfig()), **json.loads((workdir / "config.json").read_text())}
-    new_cfg = to_json(cfg)
-    diffs = [
-        f"--{k.replace('_', '-')} {old_cfg.get(k)} (run) vs {new_cfg.get(k)} (now)"
-        for k in _MUST_MATCH
-        if old_cfg.get(k) != new_cfg.get(k)
-    ]
-    old_classes = json.loads((workdir / "classes.json").read_text())
-    if old_classes != classes:
-        diffs.append(f"classes {old_classes} (run) vs {classes} (now)")
-    if meta.get("processes", 1) != jax.process_count():
-        # The data shards and the per-process iterator states in the checkpoint depend on it.
-        diffs.append(
-            f"--num-processes {meta.get('processes', 1)} (run) vs {jax.process_count()} (now)"
-        )
-    if diffs:
-        raise SpringfieldError(
-            f"--workdir {workdir} holds a run with other settings: {'; '.join(diffs)}. "
-            "Use the run's settings to resume, or a new --workdir."
-        )
-
-
-def _skipped_files(train: Split, val: Split) -> list[tuple[str, str]]:
-    # Scan-time skips are shared by both splits; decode-time ones belong to one: each once.
-    return sorted(set(train.index.skipped) | set(val.index.skipped))
-
-
-def _write_dataset_record(workdir: Path, root: Path, train: Split, val: Split) -> None:
-    skipped = _skipped_files(train, val)
-    # skipped.txt keeps each name's exact bytes (non-UTF-8 names included) for scripts;
-    # dataset.json and the console get printable names.
-    (workdir / "skipped.txt").write_text(
-        "".join(f"{p}\t{r}\n" for p, r in skipped), encoding="utf-8", errors="surrogateescape"
-    )
-    save_json(
-        {
-            "root": str(root),
-            "classes": list(train.index.classes),
-            "train_counts": train.index.counts(),
-            "val_counts": val.index.counts(),
-            "skipped": [{"path": printable(p), "reason": printable(r)} for p, r in skipped],
-        },
-        workdir / "dataset.json",
-    )
-
-
 def _data_fingerprint(*splits: Split) -> str:
     # Relative paths and labels: hosts may mount the data at different places.
     return json.dumps(
@@ -211,28 +133,6 @@ def _data_fingerprint(*splits: Split) -> str:
             for s in splits
         ]
     )
-
-
-def _make_workdir(workdir: Path) -> None:
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
-    except OSError as e:
-        raise SpringfieldError(
-            f"--workdir {workdir}: cannot write there ({e.strerror or e}). Choose a writable "
-            "folder, or free space on its disk."
-        ) from None
-
-
-def _truncate_metrics(workdir: Path, last_epoch: int) -> None:
-    # A kill between writing metrics and finishing the checkpoint leaves rows for epochs
-    # that will be trained again: drop them so every epoch appears once.
-    path = workdir / "metrics.jsonl"
-    if path.exists():
-        rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in rows if json.loads(ln)["epoch"] <= last_epoch]
-        path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def _check_finite(
@@ -288,14 +188,14 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
 def _train(cfg: TrainConfig, console: Console) -> Path:
     is_main = jax.process_index() == 0
     say = console if is_main else None
-    workdir = Path(cfg.workdir or default_workdir()).absolute()
+    workdir = Path(cfg.workdir or run_folder.default_workdir()).absolute()
     image_size = tuple(cfg.image_size or model_spec(cfg.model).image_size)
     cfg = replace(cfg, workdir=workdir, image_size=image_size)
     # Refuse bad names and sizes before minutes of data preparation, not after.
     check_image_size(cfg.model, image_size)
     get_activation(cfg.activation)
     build_optimizer(cfg, optax.constant_schedule(cfg.lr))
-    _make_workdir(workdir)
+    run_folder.make_workdir(workdir)
     if cfg.early_stop < 0:
         raise SpringfieldError(
             f"--early-stop {cfg.early_stop}: must be 0 (off) or a number of epochs."
@@ -387,21 +287,21 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
     resumed: dict = {}
     if start_step:
         resumed = checkpoint.read_meta(manager, start_step)
-        _check_resume(workdir, cfg, classes, resumed)
+        run_folder.check_resume(workdir, cfg, classes, resumed)
         state = checkpoint.restore(manager, start_step, state, data_iter)
         if is_main:
             if "history" in resumed:
                 history.write_metrics(workdir, resumed["history"])
             else:  # a checkpoint from before the record was kept
-                _truncate_metrics(workdir, start_step // steps_per_epoch)
+                run_folder.truncate_metrics(workdir, start_step // steps_per_epoch)
             console.print(f"Resuming {workdir} at step {start_step}/{total_steps}.")
     elif is_main:
         (workdir / "metrics.jsonl").unlink(missing_ok=True)
     if is_main:
         save_json(to_json(cfg), workdir / "config.json")
         save_json(classes, workdir / "classes.json")
-        _write_dataset_record(workdir, root, train_split, val_split)
-        skipped_files = _skipped_files(train_split, val_split)
+        run_folder.write_dataset_record(workdir, root, train_split, val_split)
+        skipped_files = run_folder.skipped_files(train_split, val_split)
         skipped = len(skipped_files)
         console.print(
             f"[bold]{cfg.model}[/] ({count_params(model):,} parameters) on {n_train} train / "
@@ -583,7 +483,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             )
         save_json(final, workdir / "eval.json")
         if cfg.report:
-            _write_report(
+            run_folder.write_report(
                 cfg, workdir, train_split, val_split, final, (rows, labels, probs, losses), console
             )
         if writer is not None:
@@ -596,25 +496,3 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             f"{final['num_images']} images. Run folder: {workdir}"
         )
     return workdir
-
-
-def _write_report(cfg, workdir, train_split, val_split, final, predictions, console) -> None:
-    from springfield.report.run import read_history, write_run_report
-
-    t0 = time.perf_counter()
-    rows, labels, probs, losses = predictions
-    write_run_report(
-        workdir,
-        classes=list(train_split.index.classes),
-        eval_result=final,
-        images=np.load(val_split.npy, mmap_mode="r"),
-        rows=rows,
-        labels=labels,
-        probs=probs,
-        losses=losses,
-        samples=augmented_samples(cfg, train_split),
-        history=read_history(workdir),
-        config=to_json(cfg),
-        dataset=json.loads((workdir / "dataset.json").read_text()),
-    )
-    console.print(f"Report: {workdir / 'report.html'} ({time.perf_counter() - t0:.1f} s)")
