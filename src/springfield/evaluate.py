@@ -22,8 +22,8 @@ from springfield.data.decode import load_rgb
 from springfield.errors import BadImageError, SpringfieldError
 from springfield.models import build_model
 from springfield.training import checkpoint
-from springfield.training.optim import averaged_params, build_optimizer, make_schedule
-from springfield.training.steps import TrainState, make_eval_step
+from springfield.training.optim import build_optimizer, make_schedule
+from springfield.training.steps import TrainState, eval_params, make_eval_step
 
 
 @dataclass
@@ -97,9 +97,7 @@ def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
         ) from None
     finally:
         manager.close()
-    params = averaged_params(state.opt_state)
-    params = state.params if params is None else params
-    return TrainedModel(run_dir, cfg, classes, graphdef, params, state.rest, step)
+    return TrainedModel(run_dir, cfg, classes, graphdef, eval_params(state), state.rest, step)
 
 
 def _check_meta(run_dir: Path, step: int, meta: dict, cfg: TrainConfig, classes: list) -> None:

@@ -41,10 +41,11 @@ SMALL_EVAL_BATCH = 64
 def eval_compiler_options(batch_size: int) -> dict[str, str]:
     """Per-compilation XLA options for an evaluation step over ``batch_size`` images.
 
-    With YNN's ``reduce`` fusion type XLA runs the whole forward pass as one YNNPACK graph:
-    1.4-1.5x faster than XLA's own kernels at 128 images per batch, 1.4-2x slower at 32-64
-    (refcnn, seed, resnet; docs/performance.md). Small batches therefore compile with YNN
-    kept to individual dots. Empty where springfield's flags are off or unchecked.
+    With YNN's ``reduce`` fusion type XLA runs the forward pass as YNNPACK graphs: at 32-64
+    images per batch 1.1-2x slower than XLA's own kernels (refcnn, resnet; seed level); at
+    128 faster for refcnn (1.4x) but slower for resnet and seed (docs/performance.md). Small
+    batches therefore compile with YNN kept to individual dots; larger ones keep the process
+    default. Empty where springfield's flags are off or unchecked.
     """
     if batch_size > SMALL_EVAL_BATCH or not xla_flags_wanted():
         return {}

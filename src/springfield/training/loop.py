@@ -13,7 +13,6 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -39,10 +38,10 @@ from springfield.paths import printable
 from springfield.training import checkpoint, history, run_folder
 from springfield.training.interrupts import stop_requests
 from springfield.training.metrics import summarise
-from springfield.training.optim import averaged_params, build_optimizer, make_schedule
+from springfield.training.optim import build_optimizer, make_schedule
 from springfield.training.steps import (
-    TrainState,
     all_finite,
+    eval_params,
     init_state,
     make_eval_step,
     make_train_step,
@@ -50,12 +49,6 @@ from springfield.training.steps import (
 
 # Skipped files listed on the console; skipped.txt has them all.
 _SHOW_SKIPPED = 20
-
-
-def eval_params(state: TrainState) -> Any:
-    """The parameters to evaluate and predict with: the ``--ema`` average when kept."""
-    averaged = averaged_params(state.opt_state)
-    return state.params if averaged is None else averaged
 
 
 def stopped_early(epoch_rows: list[dict], cfg: TrainConfig) -> dict | None:

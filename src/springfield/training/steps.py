@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from springfield.runtime import eval_compiler_options
+from springfield.training.optim import averaged_params
 
 
 class TrainState(NamedTuple):
@@ -25,6 +26,12 @@ class TrainState(NamedTuple):
     params: Any
     rest: Any
     opt_state: Any
+
+
+def eval_params(state: TrainState) -> Any:
+    """The parameters to evaluate and predict with: the ``--ema`` average when kept."""
+    averaged = averaged_params(state.opt_state)
+    return state.params if averaged is None else averaged
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[Any, TrainState]:
@@ -138,16 +145,15 @@ def make_eval_step(graphdef: Any, *, tta: bool = False):
         return logits, _losses(logits, batch["label"], 0.0)
 
     # XLA:CPU's fastest fusion choice depends on the batch size: see eval_compiler_options.
-    jitted: dict[tuple, Any] = {}
+    on_cpu = jax.default_backend() == "cpu"
+    jitted: dict[int, Any] = {}
 
     def dispatch(params: Any, rest: Any, batch: dict):
-        options = {}
-        if jax.default_backend() == "cpu":
-            options = eval_compiler_options(batch["image"].shape[0])
-        key = tuple(sorted(options.items()))
-        if key not in jitted:
-            jitted[key] = jax.jit(eval_step, compiler_options=options or None)
-        return jitted[key](params, rest, batch)
+        n = batch["image"].shape[0]
+        if n not in jitted:
+            options = eval_compiler_options(n) if on_cpu else {}
+            jitted[n] = jax.jit(eval_step, compiler_options=options or None)
+        return jitted[n](params, rest, batch)
 
     return dispatch
 
