@@ -1,4 +1,4 @@
-"""Train/eval throughput of one CNN in springfield, PyTorch and Keras 3, on the same CPU.
+"""Train/eval throughput of one CNN in springfield, PyTorch and Keras 3, on the same machine.
 
 The same network (``refcnn`` or ``seed``: same layers, init scheme, Adam, batch, input size
 and real image batch) is trained and evaluated by
@@ -19,6 +19,10 @@ the timed repeats round-robin: repeat 1 of every framework, repeat 2 of every fr
 with the starting framework rotating, so every framework sees the same machine load. Only
 one worker computes at any moment; a short pause between hand-overs lets spinning OpenMP
 threads go idle. The table shows medians over the repeats.
+
+On a machine with a GPU the same command runs the JAX and PyTorch rows on the GPU (each JSON
+row's ``device`` says where it ran); rows whose framework is not installed there (e.g. Keras
+without TensorFlow) are reported as skipped and left out of the table.
 
 PyTorch, TensorFlow and Keras are the ``bench`` extra only (``pip install -e '.[bench]'``,
 ideally in its own venv); springfield itself never imports them. Example::
@@ -161,6 +165,7 @@ class Runner:
     """Framework-neutral driver: ``train(n)``/``eval(n)`` run n steps and sync at the end."""
 
     params: int
+    device: str = "cpu"  # what the steps run on, as the framework names it
 
     def train(self, n: int) -> None:
         raise NotImplementedError
@@ -197,6 +202,7 @@ class SpringfieldRunner(Runner):
         self.eval_step = make_eval_step(graphdef)
         self.batch = {"image": images, "label": labels, "mask": np.ones(len(labels), np.float32)}
         self.key = jax.random.key(0)
+        self.device = jax.devices()[0].device_kind
         self._jax = jax
         self._shard = parallel.shard_batch
 
@@ -240,14 +246,21 @@ class TorchRunner(Runner):
                 std = _trunc_normal_std(m.weight[0].numel())
                 nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
                 nn.init.zeros_(m.bias)
-        self.model = model.to(memory_format=torch.channels_last)
+        # On a GPU machine the same rows run on the GPU, as springfield's JAX rows do.
+        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.cuda.get_device_name() if self.dev.type == "cuda" else "cpu"
+        self.model = model.to(self.dev, memory_format=torch.channels_last)
         self.params = sum(p.numel() for p in model.parameters())
         self.opt = torch.optim.Adam(model.parameters(), lr=LR)
         self.fwd = torch.compile(self.model, dynamic=False) if compiled else self.model
         # NHWC uint8 viewed as NCHW: exactly a channels_last tensor, no copy.
-        self.x = torch.from_numpy(images).permute(0, 3, 1, 2)
-        self.y = torch.from_numpy(labels.astype(np.int64))
+        self.x = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.dev)
+        self.y = torch.from_numpy(labels.astype(np.int64)).to(self.dev)
         self.torch = torch
+
+    def _sync(self) -> None:
+        if self.dev.type == "cuda":
+            self.torch.cuda.synchronize()
 
     def _norm(self, x):
         return x.float() * (2.0 / 255.0) - 1.0
@@ -261,12 +274,14 @@ class TorchRunner(Runner):
             loss = F.cross_entropy(self.fwd(self._norm(self.x)), self.y)
             loss.backward()
             self.opt.step()
+        self._sync()
 
     def eval(self, n: int) -> None:
         self.model.eval()
         with self.torch.inference_mode():
             for _ in range(n):
                 self.fwd(self._norm(self.x))
+        self._sync()
 
 
 class KerasRunner(Runner):
@@ -338,11 +353,14 @@ def gemm_gflops(proc: str, n: int = 2048, reps: int = 10) -> float:
     elif proc == "torch":
         import torch
 
-        a = torch.ones(n, n)
+        cuda = torch.cuda.is_available()
+        a = torch.ones(n, n, device="cuda" if cuda else "cpu")
 
         def run(k):
             for _ in range(k):
                 torch.mm(a, a)
+            if cuda:
+                torch.cuda.synchronize()
     else:
         import tensorflow as tf
 
@@ -422,6 +440,7 @@ def _setup(req: dict, runners: dict, steps: dict) -> dict:
         steps[(*key, op)] = max(2, round(req["repeat_s"] * n / dt))
     return {
         "params": int(runner.params),
+        "device": runner.device,
         "build_s": build_s,
         "first_step_s": first_s,
         "first_eval_s": first_eval_s,
@@ -439,7 +458,8 @@ class Worker:
 
     def __init__(self, proc: str, env: dict[str, str], python: str) -> None:
         self.proc = proc
-        full_env = {**os.environ, **env}
+        # Several JAX workers share one GPU: none may grab 75% of its memory up front.
+        full_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **os.environ, **env}
         self.p = subprocess.Popen(
             [python, "-u", __file__, "--worker", proc],
             stdin=subprocess.PIPE,
@@ -590,7 +610,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                 info[name] = r
                 live.append(name)
                 first, params = r["first_step_s"], r["params"]
-                say(f"  {name} {cfg.key}: first step {first:.2f} s, {params:,} params")
+                say(
+                    f"  {name} {cfg.key}: first step {first:.2f} s, {params:,} params, "
+                    f"on {r['device']}"
+                )
             times: dict[tuple[str, str], list[float]] = {
                 (n, o): [] for n in live for o in ("train", "eval")
             }
@@ -629,6 +652,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         "eval_img_s_runs": ev,
                         "first_eval_s": info[name]["first_eval_s"],
                         "params": info[name]["params"],
+                        "device": info[name]["device"],
                         "idle_before_train_repeats": idles[(name, "train")],
                     }
                 )
@@ -690,7 +714,8 @@ def markdown(results: list[dict], peak: float, args: argparse.Namespace) -> str:
     note = (
         f"\nfloat32, median of {args.repeats} interleaved repeats of ~{args.repeat_seconds:g} s; "
         f"GEMM peak {peak:.0f} GFLOP/s (best 2048^3 matmul of any framework in this run); "
-        "train GFLOP/s = 3 x forward conv+dense FLOPs x img/s; first step includes compilation.\n"
+        "train GFLOP/s = 3 x forward conv+dense FLOPs x img/s; first step includes compilation; "
+        f"devices: {', '.join(sorted({str(r.get('device', '?')) for r in results}))}.\n"
     )
     return head + "\n".join(lines) + "\n" + note
 

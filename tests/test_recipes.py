@@ -1,4 +1,4 @@
-"""Recipe options for small data: mixup, test-time augmentation, presets."""
+"""Recipe options for small data: mixup, cutmix, erasing, ensembles, TTA, EMA, presets."""
 
 from __future__ import annotations
 
@@ -14,11 +14,20 @@ from flax import nnx
 
 from springfield.cli import main
 from springfield.config import preset_config
+from springfield.data.augment import make_augment
 from springfield.evaluate import load_run
 from springfield.models import build_model
+from springfield.models.ensemble import Ensemble
 from springfield.training import checkpoint
 from springfield.training.optim import averaged_params, params_ema
-from springfield.training.steps import _normalise, make_eval_step, mixup
+from springfield.training.steps import (
+    _normalise,
+    cutmix,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    mixup,
+)
 
 
 def test_mixup_blends_each_image_with_one_partner_and_its_target():
@@ -35,6 +44,116 @@ def test_mixup_blends_each_image_with_one_partner_and_its_target():
         partner = int(row.argmax()) if row.max() > 0 else i
         lam = lams[i] if partner != i else 1.0
         np.testing.assert_allclose(mixed[i], lam * x[i] + (1 - lam) * x[partner], rtol=1e-5)
+
+
+def test_cutmix_pastes_one_box_from_a_partner_and_mixes_targets_by_its_area():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(6, 16, 12, 3)), jnp.float32)
+    targets = jax.nn.one_hot(jnp.arange(6), 6)
+    for seed in range(5):
+        mixed, mixed_targets = cutmix(jax.random.key(seed), x, targets, alpha=1.0)
+        mixed, t = np.asarray(mixed), np.asarray(mixed_targets)
+        np.testing.assert_allclose(t.sum(-1), 1.0, rtol=1e-6)
+        changed = np.any(mixed != np.asarray(x), axis=-1)  # (6, 16, 12)
+        box = changed.any(axis=0)
+        # One rectangle, the same for every image of the batch.
+        rows, cols = np.where(box)
+        if len(rows):
+            assert box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
+        kept = 1.0 - box.mean()
+        for i in range(6):
+            partner = int(np.argmax(np.where(np.arange(6) == i, -1, t[i])))
+            if t[i, i] < 1.0:
+                np.testing.assert_allclose(t[i, i], kept, rtol=1e-5)
+                np.testing.assert_allclose(mixed[i][box], np.asarray(x)[partner][box])
+            np.testing.assert_array_equal(mixed[i][~box], np.asarray(x)[i][~box])
+
+
+def test_random_erasing_fills_one_box_with_noise_and_leaves_the_rest():
+    aug = make_augment("none", erase=1.0)
+    img = np.full((32, 40, 3), 7, np.uint8)
+    img.setflags(write=False)  # the decode cache hands out read-only views
+    areas = []
+    for seed in range(20):
+        out = aug({"image": img, "label": 0}, np.random.default_rng(seed))["image"]
+        changed = np.any(out != 7, axis=-1)
+        rows, cols = np.where(changed)
+        assert len(rows) > 0
+        box = changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.mean() > 0.9  # a filled rectangle (noise may hit 7 by chance)
+        areas.append(box.size / changed.size)
+    assert 0.015 < min(areas) and max(areas) < 0.3
+    assert make_augment("none") is None and make_augment("light", erase=0.5).erase == 0.5
+    assert make_augment("light", erase=0.5).crop_scale == make_augment("light").crop_scale
+
+
+def test_ensemble_members_learn_from_their_own_losses_and_predict_together():
+    model = build_model("resnet", 3, image_size=(16, 16), ensemble=2)
+    assert isinstance(model, Ensemble) and len(model.members) == 2
+    a, b = (jax.tree.leaves(nnx.state(m, nnx.Param)) for m in model.members)
+    # Different initial weights (BatchNorm's ones and zeros aside).
+    assert not any(np.allclose(u, v) for u, v in zip(a, b, strict=True) if u.ndim > 1)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    x = _normalise(jnp.asarray(images))
+    assert model(x, train=True).shape == (2, 4, 3)
+    expected = 0.5 * sum(jax.nn.log_softmax(m(x, train=False)) for m in model.members)
+    np.testing.assert_allclose(model(x, train=False), expected, rtol=1e-5, atol=1e-6)
+
+    # One train step gives each member the gradient of its own loss alone: the same update
+    # as a step on that member by itself (SGD, no momentum).
+    tx = optax.sgd(0.1)
+    batch = {"image": images, "label": np.array([0, 1, 2, 1], np.int32)}
+    batch["mask"] = np.ones(4, np.float32)
+    graphdef, state = init_state(model, tx)
+    new, metrics = make_train_step(graphdef, tx)(state, batch, jax.random.key(0))
+    merged = nnx.merge(graphdef, new.params, new.rest)
+    for i, member in enumerate(nnx.merge(graphdef, state.params, state.rest).members):
+        g, s = init_state(member, tx)
+        alone, _ = make_train_step(g, tx)(s, batch, jax.random.key(0))
+        got = jax.tree.leaves(nnx.state(merged.members[i], nnx.Param))
+        # The ensemble's loss is the members' mean, so its gradients are half of each one's.
+        want = [
+            p0 + 0.5 * (p1 - p0)
+            for p0, p1 in zip(jax.tree.leaves(s.params), jax.tree.leaves(alone.params), strict=True)
+        ]
+        for u, v in zip(got, want, strict=True):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
+    assert metrics["count"] == 4 and np.isfinite(metrics["loss_sum"])
+
+
+def test_training_an_ensemble_with_cutmix_and_erasing_then_eval_and_resume_checks(
+    tiny_folder, tmp_path, capsys
+):
+    workdir = tmp_path / "run"
+    args = ["--data", str(tiny_folder), "--workdir", str(workdir), "--epochs", "2"]
+    args += ["--image-size", "32", "32", "--batch-size", "8", "--workers", "0"]
+    args += ["--ensemble", "2", "--cutmix", "1.0", "--mixup", "0.2", "--erase", "0.5"]
+    assert main(["train", *args, "--no-report", "--no-tensorboard"]) == 0
+    saved = json.loads((workdir / "config.json").read_text())
+    assert (saved["ensemble"], saved["cutmix"], saved["erase"]) == (2, 1.0, 0.5)
+    trained_eval = json.loads((workdir / "eval.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(workdir), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["num_images"] == trained_eval["num_images"] == 12
+    np.testing.assert_allclose(again["loss"], trained_eval["loss"], rtol=1e-5)
+    # The checkpoint holds two models: resuming as one (or three) is refused by name.
+    assert main(["train", *args[:-8], "--no-tensorboard"]) == 2
+    assert "--ensemble 2 (run) vs 1 (now)" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (["--ensemble", "0"], "--ensemble 0: must be 1"),
+        (["--cutmix", "-1"], "--cutmix -1.0: must be 0"),
+        (["--erase", "1.5"], "--erase 1.5: must be a chance between 0 and 1"),
+    ],
+)
+def test_bad_recipe_values_are_refused_by_name(tiny_folder, tmp_path, capsys, flag, message):
+    args = ["train", "--data", str(tiny_folder), "--workdir", str(tmp_path / "run"), *flag]
+    assert main(args) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
 
 
 def test_tta_averages_the_logits_of_the_image_and_its_mirror():

@@ -34,6 +34,9 @@ class TrainConfig:
     model: str = "resnet"
     """Model name: resnet (small residual CNN, default), resnet-wide, seed (the tutorial's CNN), refcnn (the framework benchmark's CNN)."""
 
+    ensemble: int = 1
+    """Train this many copies of the model side by side (own initial weights, same batches, each on its own loss) and predict with their average. Each copy costs a whole model's time: to keep the time, divide --epochs by it."""
+
     activation: str = "relu"
     """Activation: relu, gelu, silu, mish, elu, leaky_relu, ... or module:function for your own."""
 
@@ -66,6 +69,12 @@ class TrainConfig:
 
     mixup: float = 0.0
     """Mixup strength alpha (0 = off; 0.2-0.4 is common): blend pairs of training images and their labels."""
+
+    cutmix: float = 0.0
+    """CutMix strength alpha (0 = off; 1.0 is common): paste a random box of another training image into each image, labels mixed by area. With --mixup too, each batch uses one of the two."""
+
+    erase: float = 0.0
+    """Random erasing: the chance (0-1) that a training image gets a random box (2-25% of its area) filled with noise, in the input workers. Teaches the model to use more than one part of a character."""
 
     ema: float = 0.0
     """Evaluate and save an exponential moving average of the weights with this decay (0 = off; 0.99-0.999 is common)."""

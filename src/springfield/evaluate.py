@@ -82,6 +82,7 @@ def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
         image_size=tuple(cfg.image_size),
         activation=cfg.activation,
         seed=cfg.seed,
+        ensemble=cfg.ensemble,
     )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # The optimizer state is restored too (orbax needs the full tree); only the --ema

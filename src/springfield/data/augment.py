@@ -7,7 +7,7 @@ the transform.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -17,17 +17,20 @@ from springfield.errors import SpringfieldError
 
 @dataclass(frozen=True)
 class Augment:
-    """Random resized crop, horizontal flip, small rotation and colour jitter.
+    """Random resized crop, horizontal flip, small rotation, colour jitter, random erasing.
 
     ``crop_scale`` is the range of the crop's area as a fraction of the image; ``(1, 1)``
     disables cropping. ``rotate`` is the maximum angle in degrees. ``jitter`` scales
     brightness, contrast and saturation by factors in ``[1 - jitter, 1 + jitter]``.
+    ``erase`` is the chance of random erasing (Zhong et al., 2020): a box of 2-25% of the
+    image, aspect ratio 0.3-3.3, filled with uniform noise.
     """
 
     flip: bool = True
     crop_scale: tuple[float, float] = (1.0, 1.0)
     rotate: float = 0.0
     jitter: float = 0.0
+    erase: float = 0.0
 
     def __call__(self, element: dict, rng: np.random.Generator) -> dict:
         img = element["image"]
@@ -50,6 +53,8 @@ class Augment:
             img = img[:, ::-1]
         if self.jitter:
             img = _colour_jitter(img, rng, self.jitter)
+        if self.erase and rng.random() < self.erase:
+            img = _erase(img, rng)
         return {**element, "image": np.ascontiguousarray(img)}
 
 
@@ -71,6 +76,19 @@ def _colour_jitter(img: np.ndarray, rng: np.random.Generator, s: float) -> np.nd
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
+def _erase(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w = img.shape[:2]
+    area = rng.uniform(0.02, 0.25) * h * w
+    aspect = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3)))
+    eh = min(h, max(1, round(np.sqrt(area * aspect))))
+    ew = min(w, max(1, round(np.sqrt(area / aspect))))
+    y0 = rng.integers(0, h - eh + 1)
+    x0 = rng.integers(0, w - ew + 1)
+    img = np.array(img)  # the input may be a read-only view of the cache
+    img[y0 : y0 + eh, x0 : x0 + ew] = rng.integers(0, 256, (eh, ew, img.shape[2]), np.uint8)
+    return img
+
+
 PRESETS: dict[str, Augment | None] = {
     "none": None,
     "flip": Augment(flip=True),
@@ -79,11 +97,15 @@ PRESETS: dict[str, Augment | None] = {
 }
 
 
-def make_augment(name: str) -> Augment | None:
-    """The augmentation preset called ``name`` (``None`` for ``"none"``)."""
+def make_augment(name: str, *, erase: float = 0.0) -> Augment | None:
+    """The augmentation preset called ``name`` plus random erasing with chance ``erase``
+    (``None`` when that adds up to no augmentation)."""
     try:
-        return PRESETS[name]
+        aug = PRESETS[name]
     except KeyError:
         raise SpringfieldError(
             f"--augment {name!r}: unknown preset; choose one of {', '.join(PRESETS)}."
         ) from None
+    if not erase:
+        return aug
+    return replace(aug or Augment(flip=False), erase=erase)

@@ -76,12 +76,15 @@ def train_dataset(
     epochs: int,
     seed: int,
     augment: str,
+    erase: float = 0.0,
     shard_index: int = 0,
     shard_count: int = 1,
 ) -> grain.MapDataset:
     """Shuffled, augmented, batched training stream of ``epochs`` passes.
 
     Each epoch is a new permutation of the training images (grain reshuffles per repeat).
+    ``augment`` names a preset of :mod:`springfield.data.augment`; ``erase`` adds random
+    erasing to it with that chance per image.
     With ``shard_count > 1`` (multi-host) each process reads the disjoint slice
     ``shard_index::shard_count`` of the data and ``batch_size`` is its local batch.
     """
@@ -89,7 +92,7 @@ def train_dataset(
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     ds = ds.seed(seed).shuffle().repeat(epochs)
-    aug = make_augment(augment)
+    aug = make_augment(augment, erase=erase)
     if aug is not None:
         ds = ds.random_map(aug)
     return ds.batch(batch_size, drop_remainder=True)

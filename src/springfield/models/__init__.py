@@ -11,6 +11,7 @@ from flax import nnx
 
 from springfield.errors import SpringfieldError
 from springfield.models.activations import ACTIVATIONS, get_activation
+from springfield.models.ensemble import Ensemble
 from springfield.models.refcnn import RefCNN
 from springfield.models.resnet import ResNet
 from springfield.models.seed import SeedCNN
@@ -84,11 +85,21 @@ def build_model(
     image_size: tuple[int, int],
     activation: str = "relu",
     seed: int = 0,
+    ensemble: int = 1,
 ) -> nnx.Module:
-    """Build model ``name`` for ``num_classes`` classes and inputs of ``image_size``."""
+    """Build model ``name`` for ``num_classes`` classes and inputs of ``image_size``.
+
+    ``ensemble > 1`` builds that many copies with different initial weights, wrapped in an
+    :class:`~springfield.models.ensemble.Ensemble`.
+    """
     spec = check_image_size(name, image_size)
+    if ensemble < 1:
+        raise SpringfieldError(f"--ensemble {ensemble}: must be 1 (one model) or more.")
     h, w = image_size
-    return spec.build(num_classes, (h, w), get_activation(activation), nnx.Rngs(params=seed))
+    act, rngs = get_activation(activation), nnx.Rngs(params=seed)
+    # One Rngs stream for all members: each draws the next keys, so each starts elsewhere.
+    members = [spec.build(num_classes, (h, w), act, rngs) for _ in range(ensemble)]
+    return members[0] if ensemble == 1 else Ensemble(members)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -107,6 +107,7 @@ def augmented_samples(cfg: TrainConfig, split: Split) -> tuple[np.ndarray, np.nd
         epochs=1,
         seed=cfg.seed,
         augment=cfg.augment,
+        erase=cfg.erase,
     )
     it = to_iterator(ds, workers=0)
     batch = next(it)
@@ -189,6 +190,13 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
     get_activation(cfg.activation)
     build_optimizer(cfg, optax.constant_schedule(cfg.lr))
     run_folder.make_workdir(workdir)
+    if cfg.ensemble < 1:
+        raise SpringfieldError(f"--ensemble {cfg.ensemble}: must be 1 (one model) or more.")
+    for flag, alpha in (("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix)):
+        if alpha < 0:
+            raise SpringfieldError(f"{flag} {alpha}: must be 0 (off) or a positive alpha.")
+    if not 0 <= cfg.erase <= 1:
+        raise SpringfieldError(f"--erase {cfg.erase}: must be a chance between 0 and 1.")
     if cfg.early_stop < 0:
         raise SpringfieldError(
             f"--early-stop {cfg.early_stop}: must be 0 (off) or a number of epochs."
@@ -237,7 +245,12 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
 
     # Model, optimizer, steps; state replicated over the mesh.
     model = build_model(
-        cfg.model, len(classes), image_size=image_size, activation=cfg.activation, seed=cfg.seed
+        cfg.model,
+        len(classes),
+        image_size=image_size,
+        activation=cfg.activation,
+        seed=cfg.seed,
+        ensemble=cfg.ensemble,
     )
     schedule = make_schedule(
         cfg.schedule,
@@ -254,6 +267,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
         label_smoothing=cfg.label_smoothing,
         skip_nonfinite=cfg.skip_nonfinite,
         mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
     )
     eval_step = make_eval_step(graphdef, tta=cfg.tta)
     key = jax.random.key(cfg.seed)
@@ -266,6 +280,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             epochs=cfg.epochs,
             seed=cfg.seed,
             augment=cfg.augment,
+            erase=cfg.erase,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
         ),

@@ -24,6 +24,7 @@ from springfield.paths import printable
 # Settings that must match between a run folder and a resumed run.
 MUST_MATCH = (
     "model",
+    "ensemble",
     "activation",
     "image_size",
     "workers",
@@ -41,6 +42,8 @@ MUST_MATCH = (
     "val_fraction",
     "classes",
     "mixup",
+    "cutmix",
+    "erase",
     "ema",
 )
 

@@ -50,6 +50,12 @@ def _targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array
     return optax.smooth_labels(targets, smoothing) if smoothing else targets
 
 
+def _num_classes(model: nnx.Module) -> int:
+    # Every springfield model ends in a Linear called `head`; an ensemble says it directly.
+    n = getattr(model, "num_classes", None)
+    return int(n) if n is not None else model.head.out_features
+
+
 def _losses(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
     # log-softmax inside optax: numerically safe, unlike log(softmax(x)).
     return optax.softmax_cross_entropy(logits, _targets(labels, logits.shape[-1], smoothing))
@@ -70,6 +76,27 @@ def mixup(
     return lam * x + (1 - lam) * x2, lam * targets + (1 - lam) * t2
 
 
+def cutmix(
+    key: jax.Array, x: jax.Array, targets: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
+    """CutMix (Yun et al., 2019): paste one random box, of area ``1 - lam`` with
+    ``lam ~ Beta(alpha, alpha)``, from another example of the batch into each image; targets
+    are mixed by the box's actual (clipped) area. One box for the whole batch."""
+    k_lam, k_perm, k_y, k_x = jax.random.split(key, 4)
+    _, h, w, _ = x.shape
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    cut = jnp.sqrt(1.0 - lam)
+    cy = jax.random.uniform(k_y) * h
+    cx = jax.random.uniform(k_x) * w
+    rows, cols = jnp.arange(h)[:, None] + 0.5, jnp.arange(w)[None, :] + 0.5
+    box = (jnp.abs(rows - cy) < cut * h / 2) & (jnp.abs(cols - cx) < cut * w / 2)
+    perm = jax.random.permutation(k_perm, x.shape[0])
+    x2 = x.at[perm].get(out_sharding=jax.typeof(x).sharding)
+    t2 = targets.at[perm].get(out_sharding=jax.typeof(targets).sharding)
+    kept = 1.0 - jnp.mean(box)
+    return jnp.where(box[None, :, :, None], x2, x), kept * targets + (1 - kept) * t2
+
+
 def make_train_step(
     graphdef: Any,
     tx: optax.GradientTransformation,
@@ -77,6 +104,7 @@ def make_train_step(
     label_smoothing: float = 0.0,
     skip_nonfinite: bool = False,
     mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
 ):
     """``train_step(state, batch, key) -> (state, metrics)``.
 
@@ -84,7 +112,8 @@ def make_train_step(
     summed loss, correct count and count over the unmasked examples, so sums over steps are
     exact epoch totals. ``mixup_alpha > 0`` trains on mixup batches (:func:`mixup`); the
     reported loss and accuracy are then those of the mixed batch against the true labels'
-    mixed targets and the unmixed labels.
+    mixed targets and the unmixed labels. ``cutmix_alpha > 0`` does the same with
+    :func:`cutmix`; with both, each step picks one of the two by a fair coin.
 
     ``skip_nonfinite``: for a ``tx`` wrapped in ``optax.apply_if_finite``, which drops the
     parameter update of a step with NaN/inf gradients; the step then also keeps the old
@@ -96,13 +125,25 @@ def make_train_step(
         model = nnx.merge(graphdef, params, rest, copy=True)
         x = _normalise(batch["image"])
         mix_key, drop_key = jax.random.split(key)
-        # Every springfield model ends in a Linear called `head`.
-        targets = _targets(batch["label"], model.head.out_features, label_smoothing)
-        if mixup_alpha > 0:
+        targets = _targets(batch["label"], _num_classes(model), label_smoothing)
+        if mixup_alpha > 0 and cutmix_alpha > 0:
+            coin_key, mix_key = jax.random.split(mix_key)
+            x, targets = jax.lax.cond(
+                jax.random.bernoulli(coin_key),
+                lambda: mixup(mix_key, x, targets, mixup_alpha),
+                lambda: cutmix(mix_key, x, targets, cutmix_alpha),
+            )
+        elif mixup_alpha > 0:
             x, targets = mixup(mix_key, x, targets, mixup_alpha)
+        elif cutmix_alpha > 0:
+            x, targets = cutmix(mix_key, x, targets, cutmix_alpha)
         logits = model(x, train=True, rngs=nnx.Rngs(dropout=drop_key))
         mask = batch["mask"]
         losses = optax.softmax_cross_entropy(logits, targets)
+        if logits.ndim == 3:
+            # An ensemble's members, (K, B, classes): each member learns from its own loss;
+            # the metrics describe their averaged prediction.
+            losses, logits = losses.mean(axis=0), logits.mean(axis=0)
         loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return loss, (new_rest, logits, losses)
