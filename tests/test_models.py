@@ -107,3 +107,25 @@ def test_fast_conv_has_the_same_gradients_as_lax(monkeypatch):
     leaves = [jax.tree.leaves(grads[k]) for k in ("lax", "springfield")]
     for a, b in zip(*leaves, strict=True):
         assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resnet_hires_adds_one_stride_2_conv_and_keeps_resnet_parameter_names():
+    from flax import nnx
+
+    base = build_model("resnet", 4, image_size=(64, 64))
+    hires = build_model("resnet-hires", 4, image_size=(128, 128))
+    # A 16-channel 3x3 conv + BatchNorm in front; the old stem now reads 16 channels, not 3.
+    extra = (3 * 3 * 3 * 16 + 2 * 16) + 3 * 3 * (16 - 3) * 32
+    assert count_params(hires) - count_params(base) == extra
+    # Twice the input, the same feature map size at the first block.
+    stem_out = {}
+    for name, model, size in (("base", base, 64), ("hires", hires, 128)):
+        x = jnp.ones((1, size, size, 3))
+        if model.pre_stem is not None:
+            for conv in model.pre_stem:
+                x = conv(x)
+        stem_out[name] = model.stem(x).shape
+    assert stem_out["base"] == stem_out["hires"] == (1, 32, 32, 32)
+    # resnet's checkpoints keep loading: its parameter paths did not change.
+    paths = {p[0] for p, _ in nnx.to_flat_state(nnx.state(base, nnx.Param))}
+    assert paths == {"stem", "stem_bn", "blocks", "head"}

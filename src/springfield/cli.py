@@ -174,14 +174,13 @@ def _write_report(trained, split, predictions, result, out_dir: Path, *, samples
     import numpy as np
 
     from springfield.config import to_json
-    from springfield.report.run import read_history, write_run_report
+    from springfield.report.run import write_run_report
 
     sample_batch = None
     if samples:
         from springfield.training.loop import augmented_samples
 
         sample_batch = augmented_samples(trained.config, split)
-    rows, labels, probs, losses = predictions
     dataset = {
         "root": str(split.index.root),
         "classes": trained.classes,
@@ -193,15 +192,12 @@ def _write_report(trained, split, predictions, result, out_dir: Path, *, samples
         dataset = json.loads(dataset_json.read_text())
     return write_run_report(
         out_dir,
+        run_dir=trained.run_dir,
         classes=trained.classes,
         eval_result=result,
         images=np.load(split.npy, mmap_mode="r"),
-        rows=rows,
-        labels=labels,
-        probs=probs,
-        losses=losses,
+        predictions=predictions,
         samples=sample_batch,
-        history=read_history(trained.run_dir),
         config=to_json(trained.config),
         dataset=dataset,
     )

@@ -40,6 +40,12 @@ MODELS: dict[str, ModelSpec] = {
         ResNet.min_size,
         "wider, deeper residual CNN for real photos",
     ),
+    "resnet-hires": ModelSpec(
+        lambda n, size, act, rngs: ResNet(n, act=act, rngs=rngs, stem_convs=2),
+        (128, 128),
+        ResNet.min_size * 2,
+        "resnet with a two-convolution stride-4 stem: 2x the input size at about its cost",
+    ),
     "seed": ModelSpec(
         lambda n, size, act, rngs: SeedCNN(n, image_size=size, act=act, rngs=rngs),
         (160, 120),

@@ -56,7 +56,11 @@ class BasicBlock(nnx.Module):
 
 
 class ResNet(nnx.Module):
-    """Stem (3x3 stride 2) + ``len(widths)`` stages of ``depth`` basic blocks + global pool."""
+    """Stem + ``len(widths)`` stages of ``depth`` basic blocks + global pool.
+
+    The stem is ``stem_convs`` 3x3 stride-2 convolutions (each + BatchNorm + activation), so a
+    2x larger input with one more stem convolution costs about the same in the stages.
+    """
 
     min_size = 8
 
@@ -69,9 +73,26 @@ class ResNet(nnx.Module):
         widths: tuple[int, ...] = (32, 64, 128),
         depth: int = 1,
         dropout: float = 0.0,
+        stem_convs: int = 1,
     ) -> None:
         self.act = act
-        self.stem = Conv(3, widths[0], (3, 3), strides=2, padding="SAME", use_bias=False, rngs=rngs)
+        # Extra stem convolutions live apart from `stem`, so the one-conv models' parameter
+        # names (and their saved checkpoints) stay as they were.
+        self.pre_stem = self.pre_stem_bn = nnx.data(None)
+        cin = 3
+        if stem_convs > 1:
+            pre, pre_bn = [], []
+            for _ in range(stem_convs - 1):
+                cout = max(8, widths[0] // 2)
+                pre.append(
+                    Conv(cin, cout, (3, 3), strides=2, padding="SAME", use_bias=False, rngs=rngs)
+                )
+                pre_bn.append(_bn(cout, rngs))
+                cin = cout
+            self.pre_stem, self.pre_stem_bn = nnx.List(pre), nnx.List(pre_bn)
+        self.stem = Conv(
+            cin, widths[0], (3, 3), strides=2, padding="SAME", use_bias=False, rngs=rngs
+        )
         self.stem_bn = _bn(widths[0], rngs)
         blocks = []
         cin = widths[0]
@@ -87,7 +108,11 @@ class ResNet(nnx.Module):
     def __call__(
         self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
     ) -> jax.Array:
-        x = self.act(self.stem_bn(self.stem(x), use_running_average=not train))
+        ura = not train
+        if self.pre_stem is not None:
+            for conv, bn in zip(self.pre_stem, self.pre_stem_bn, strict=True):
+                x = self.act(bn(conv(x), use_running_average=ura))
+        x = self.act(self.stem_bn(self.stem(x), use_running_average=ura))
         for block in self.blocks:
             x = block(x, train=train)
         x = jnp.mean(x, axis=(1, 2))

@@ -71,24 +71,24 @@ def top_losses(
 def write_run_report(
     out_dir: Path,
     *,
+    run_dir: Path,
     classes: list[str],
     eval_result: dict,
     images: np.ndarray,
-    rows: np.ndarray,
-    labels: np.ndarray,
-    probs: np.ndarray,
-    losses: np.ndarray,
+    predictions: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     samples: tuple[np.ndarray, np.ndarray] | None,
-    history: list[dict],
     config: dict,
     dataset: dict,
     timings: dict | None = None,
 ) -> Path:
     """Write curves/confusion/mistakes/samples PNGs and report.html into ``out_dir``.
 
-    Prediction ``i`` (``labels``/``probs``/``losses``) is of image ``images[rows[i]]``;
-    ``samples`` is one augmented training batch ``(images, labels)``, or None to leave out.
+    ``predictions`` is ``(rows, labels, probs, losses)``: prediction ``i`` is of image
+    ``images[rows[i]]``. The curves come from ``run_dir``'s ``metrics.jsonl``. ``samples`` is
+    one augmented training batch ``(images, labels)``, or None to leave out.
     """
+    rows, labels, probs, losses = predictions
+    history = read_history(run_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if history:

@@ -138,22 +138,18 @@ def write_report(
     console: Console,
 ) -> None:
     """Figures and report.html of a finished run (``report/``), timed on the console."""
-    from springfield.report.run import read_history, write_run_report
+    from springfield.report.run import write_run_report
     from springfield.training.loop import augmented_samples
 
     t0 = time.perf_counter()
-    rows, labels, probs, losses = predictions
     write_run_report(
         workdir,
+        run_dir=workdir,
         classes=list(train_split.index.classes),
         eval_result=final,
         images=np.load(val_split.npy, mmap_mode="r"),
-        rows=rows,
-        labels=labels,
-        probs=probs,
-        losses=losses,
+        predictions=predictions,
         samples=augmented_samples(cfg, train_split),
-        history=read_history(workdir),
         config=to_json(cfg),
         dataset=json.loads((workdir / "dataset.json").read_text()),
     )
