@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,32 @@ def test_training_order_is_deterministic_for_a_seed_and_any_worker_count(tiny_fo
     # Each epoch is a permutation: the first 56 labels (7 batches) hold every image once.
     first_epoch = np.concatenate([x["label"] for x in a[:7]])
     np.testing.assert_array_equal(np.bincount(first_epoch), np.bincount(labels))
+
+
+def test_closing_a_worker_iterator_early_leaks_no_shared_memory(tiny_folder, tmp_path):
+    # Stopping with batches still in flight (end of training, Ctrl-C) once left grain's
+    # shared-memory blocks behind: Python's resource tracker warned about them at exit.
+    index = scan_folder(tiny_folder)
+    npy, index = decode_index(index, (32, 32), cache_dir=tmp_path / "cache")
+    np.save(tmp_path / "labels.npy", np.asarray(index.labels))
+    script = f"""
+import numpy as np
+from springfield.runtime import setup_runtime
+setup_runtime()
+from springfield.data.pipeline import to_iterator, train_dataset
+labels = np.load({str(tmp_path / "labels.npy")!r})
+ds = train_dataset({str(npy)!r}, labels, batch_size=8, epochs=20, seed=0, augment="light")
+it = to_iterator(ds, workers=2)
+for _ in range(3):
+    batch = next(it)
+assert batch["image"].shape == (8, 32, 32, 3)
+it.close()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "leaked shared_memory" not in done.stderr, done.stderr
 
 
 def test_iterator_state_resumes_the_same_stream(tiny_folder):
