@@ -160,6 +160,43 @@ def _stop_nonfinite(what: str, workdir: Path, lr: float, saved: int | None) -> N
     )
 
 
+def _epoch_row(
+    epoch: int,
+    step: int,
+    lr: float,
+    train: dict,
+    val: dict,
+    *,
+    images: int,
+    seconds: float,
+    wait: float,
+) -> dict:
+    """One line of ``metrics.jsonl``: epoch totals of the train steps and the evaluation."""
+    return {
+        "epoch": epoch,
+        "step": step,
+        "lr": lr,
+        "train_loss": train["loss_sum"] / train["count"],
+        "train_accuracy": train["correct"] / train["count"],
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "train_img_s": images / seconds,
+        "epoch_seconds": seconds,
+        "input_wait_fraction": wait / seconds,
+    }
+
+
+def _epoch_line(row: dict) -> str:
+    skipped = row.get("skipped_updates")
+    return (
+        f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} acc "
+        f"{row['train_accuracy']:.3f}  val loss {row['val_loss']:.4f} acc "
+        f"{row['val_accuracy']:.3f}  {row['train_img_s']:.0f} img/s  "
+        f"input wait {row['input_wait_fraction']:.0%}"
+        + (f"  skipped {skipped} non-finite update(s)" if skipped else "")
+    )
+
+
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     """Train (or resume) the run described by ``cfg``; returns the run folder.
 
@@ -413,24 +450,20 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
                             break
                 if step != epoch_end:  # stopped mid-epoch
                     break
-                tot = history.epoch_totals(sums)
                 seconds = time.perf_counter() - t_epoch
                 _, labels, probs, losses = run_eval(
                     eval_step, eval_params(state), state.rest, val_split, cfg.batch_size, mesh
                 )
-                val = summarise(labels, probs, losses, classes)
-                row = {
-                    "epoch": epoch,
-                    "step": step,
-                    "lr": float(schedule(step - 1)),
-                    "train_loss": tot["loss_sum"] / tot["count"],
-                    "train_accuracy": tot["correct"] / tot["count"],
-                    "val_loss": val["loss"],
-                    "val_accuracy": val["accuracy"],
-                    "train_img_s": (step - first) * cfg.batch_size / seconds,
-                    "epoch_seconds": seconds,
-                    "input_wait_fraction": wait / seconds,
-                }
+                row = _epoch_row(
+                    epoch,
+                    step,
+                    float(schedule(step - 1)),
+                    history.epoch_totals(sums),
+                    summarise(labels, probs, losses, classes),
+                    images=(step - first) * cfg.batch_size,
+                    seconds=seconds,
+                    wait=wait,
+                )
                 if cfg.skip_nonfinite:
                     row["skipped_updates"] = int(state.opt_state.total_notfinite)
                 # The row goes into the checkpoint first: a resume rebuilds metrics.jsonl
@@ -445,17 +478,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
                     if writer is not None:
                         for k, v in row.items():
                             writer.add_scalar(f"epoch/{k}", v, step)
-                    progress.console.print(
-                        f"epoch {epoch:>3}  train loss {row['train_loss']:.4f} acc "
-                        f"{row['train_accuracy']:.3f}  val loss {val['loss']:.4f} acc "
-                        f"{val['accuracy']:.3f}  {row['train_img_s']:.0f} img/s  "
-                        f"input wait {row['input_wait_fraction']:.0%}"
-                        + (
-                            f"  skipped {row['skipped_updates']} non-finite update(s)"
-                            if row.get("skipped_updates")
-                            else ""
-                        )
-                    )
+                    progress.console.print(_epoch_line(row))
         if stop and step < total_steps:
             if saved != step:
                 if not cfg.skip_nonfinite:
