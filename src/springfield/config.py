@@ -32,7 +32,7 @@ class TrainConfig:
     """Train on just these class folders of <data> (in this label order), e.g. --classes bart_simpson homer_simpson lisa_simpson marge_simpson. Default: every sub-folder."""
 
     model: str = "resnet"
-    """Model name: resnet (small residual CNN, default), resnet-wide, seed (the tutorial's CNN), refcnn (the framework benchmark's CNN)."""
+    """Model name: resnet (small residual CNN, default), resnet-wide, resnet-hires (128 px input at about resnet's cost), seed (the tutorial's CNN), refcnn (the framework benchmark's CNN)."""
 
     ensemble: int = 1
     """Train this many copies of the model side by side (own initial weights, same batches, each on its own loss) and predict with their average. Each copy costs a whole model's time: to keep the time, divide --epochs by it."""

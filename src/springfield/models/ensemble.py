@@ -2,8 +2,10 @@
 
 Each member starts from its own random weights and is trained on its own loss (the train
 step averages the members' losses), on the same batches. Members trained independently
-make partly different mistakes, so their averaged prediction is better than any one of
-them; training the average itself would let the members co-adapt and lose that.
+make partly different mistakes, so their averaged prediction is usually better than any
+one of them trained as long; training the average itself would let the members co-adapt
+and lose that. Each member costs a whole model's compute: on real Simpsons frames an
+ensemble of 2 for half the epochs tied one model for all of them (docs/results.md).
 
 In training mode the ensemble returns every member's logits, ``(K, B, classes)``; in
 inference mode one ``(B, classes)`` array: the mean of the members' log-probabilities (a

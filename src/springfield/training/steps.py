@@ -142,8 +142,9 @@ def make_train_step(
         losses = optax.softmax_cross_entropy(logits, targets)
         if logits.ndim == 3:
             # An ensemble's members, (K, B, classes): each member learns from its own loss;
-            # the metrics describe their averaged prediction.
-            losses, logits = losses.mean(axis=0), logits.mean(axis=0)
+            # the metrics describe their averaged prediction, as in evaluation.
+            losses = losses.mean(axis=0)
+            logits = jax.nn.log_softmax(logits).mean(axis=0)
         loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return loss, (new_rest, logits, losses)
