@@ -91,6 +91,9 @@ def test_eval_on_a_folder_and_the_tables(trained_run, tiny_folder, capsys):
     assert main(["eval", str(trained_run), "--data", str(tiny_folder)]) == 0
     out = capsys.readouterr().out
     assert "56 images" in out and "confusion matrix" in out and "precision" in out
+    # Full class names in the confusion matrix, even on an 80-column terminal (pytest's).
+    for i, name in enumerate(["bart_simpson", "homer_simpson", "lisa_simpson", "marge_simpson"]):
+        assert f"{i} {name}" in out
 
 
 def test_predict_top_k_json_and_csv_including_png_named_jpg(

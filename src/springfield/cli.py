@@ -18,7 +18,7 @@ from typing import Annotated
 import tyro
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from springfield.errors import Interrupted, SpringfieldError
 from springfield.paths import printable
@@ -233,9 +233,15 @@ def _eval(argv: list[str], console: Console) -> None:
             str(sc["support"]),
         )
     console.print(table)
-    conf = Table("true \\ predicted", *trained.classes, title="confusion matrix")
-    for name, row in zip(trained.classes, result["confusion"], strict=True):
-        conf.add_row(name, *map(str, row))
+    # Predicted classes go by number: full names as column headers were cut to "bart_simp…"
+    # on an 80-column terminal.
+    conf = Table(
+        Column("true \\ predicted", no_wrap=True),
+        *[Column(str(i), justify="right") for i in range(len(trained.classes))],
+        title="confusion matrix",
+    )
+    for i, (name, row) in enumerate(zip(trained.classes, result["confusion"], strict=True)):
+        conf.add_row(f"{i} {name}", *map(str, row))
     console.print(conf)
 
 
