@@ -14,9 +14,7 @@ images of the same characters (not real clip-art). Extra springfield flags go af
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import sys
 import tempfile
@@ -120,17 +118,14 @@ def main() -> None:
 
 def drawn_accuracy(run: Path, per_class: dict) -> float | None:
     """Accuracy of ``run`` on the built-in drawn set, when it was trained on its four classes."""
-    from springfield.cli import main as springfield
     from springfield.data.prepare import resolve_data_root
     from springfield.data.synthetic import CLASSES
+    from springfield.evaluate import evaluate_data, load_run
 
     if sorted(per_class) != sorted(CLASSES):
         return None
     drawn = resolve_data_root(None, per_class=250, console=None)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        springfield(["eval", str(run), "--data", str(drawn), "--json"])
-    return json.loads(out.getvalue().strip().splitlines()[-1])["accuracy"]
+    return evaluate_data(load_run(run), drawn)[2]["accuracy"]
 
 
 if __name__ == "__main__":

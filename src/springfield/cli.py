@@ -132,44 +132,6 @@ def _train(argv: list[str], console: Console) -> None:
     train(cfg, console=console)
 
 
-def _evaluate(trained, data: Path | None, batch_size: int, console: Console | None):
-    """Exact predictions of ``trained`` on ``data`` (default: the run's validation split)."""
-    from springfield.data.prepare import prepare_folder, prepare_splits, resolve_data_root
-    from springfield.training.loop import run_eval
-    from springfield.training.metrics import summarise
-    from springfield.training.steps import make_eval_step
-
-    cfg = trained.config
-    if data is None:
-        root = resolve_data_root(cfg.data, per_class=cfg.synthetic_per_class, console=None)
-        _, split = prepare_splits(
-            root,
-            image_size=trained.image_size,
-            val_fraction=cfg.val_fraction,
-            seed=cfg.seed,
-            classes=trained.classes,
-            only=trained.classes if cfg.classes else None,
-            group_threshold=cfg.group_threshold if cfg.split_by_group else None,
-            console=console,
-        )
-    else:
-        root = Path(data)
-        root = root / "val" if (root / "val").is_dir() else root
-        split = prepare_folder(
-            root, image_size=trained.image_size, classes=trained.classes, console=console
-        )
-    predictions = run_eval(
-        make_eval_step(trained.graphdef, tta=trained.config.tta),
-        trained.params,
-        trained.rest,
-        split,
-        batch_size,
-    )
-    result = summarise(*predictions[1:], trained.classes)
-    result["skipped"] = [{"path": p, "reason": r} for p, r in split.index.skipped]
-    return split, predictions, result
-
-
 def _write_report(trained, split, predictions, result, out_dir: Path, *, samples: bool) -> Path:
     import numpy as np
 
@@ -204,11 +166,11 @@ def _write_report(trained, split, predictions, result, out_dir: Path, *, samples
 
 
 def _eval(argv: list[str], console: Console) -> None:
-    from springfield.evaluate import load_run
+    from springfield.evaluate import evaluate_data, load_run
 
     args = tyro.cli(EvalArgs, args=argv, prog="springfield eval")
     trained = load_run(args.run, allow_import=args.allow_import)
-    split, predictions, result = _evaluate(
+    split, predictions, result = evaluate_data(
         trained, args.data, args.batch_size, None if args.json else console
     )
     if args.report is not None:
@@ -246,11 +208,11 @@ def _eval(argv: list[str], console: Console) -> None:
 
 
 def _report(argv: list[str], console: Console) -> None:
-    from springfield.evaluate import load_run
+    from springfield.evaluate import evaluate_data, load_run
 
     args = tyro.cli(ReportArgs, args=argv, prog="springfield report")
     trained = load_run(args.run, allow_import=args.allow_import)
-    split, predictions, result = _evaluate(trained, None, args.batch_size, console)
+    split, predictions, result = evaluate_data(trained, None, args.batch_size, console)
     page = _write_report(trained, split, predictions, result, trained.run_dir, samples=True)
     console.print(f"Report: {page}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,11 @@ from springfield.models import build_model
 from springfield.training import checkpoint
 from springfield.training.optim import build_optimizer, make_schedule
 from springfield.training.steps import TrainState, eval_params, make_eval_step
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from springfield.data.prepare import Split
 
 
 @dataclass
@@ -115,6 +120,51 @@ def _check_meta(run_dir: Path, step: int, meta: dict, cfg: TrainConfig, classes:
             f"{run_dir}: checkpoint {step} does not match the run's config.json/classes.json: "
             f"{'; '.join(diffs)}. Restore those files as train wrote them."
         )
+
+
+def evaluate_data(
+    trained: TrainedModel,
+    data: Path | None = None,
+    batch_size: int = 64,
+    console: Console | None = None,
+) -> tuple[Split, tuple[np.ndarray, ...], dict]:
+    """Exact predictions of ``trained`` on the folder ``data`` (its ``val/`` if it has one;
+    default: the run's own validation split): ``(split, (rows, labels, probs, losses),
+    result)``, where ``result`` is :func:`~springfield.training.metrics.summarise`'s plus the
+    skipped files."""
+    from springfield.data.prepare import prepare_folder, prepare_splits, resolve_data_root
+    from springfield.training.loop import run_eval
+    from springfield.training.metrics import summarise
+
+    cfg = trained.config
+    if data is None:
+        root = resolve_data_root(cfg.data, per_class=cfg.synthetic_per_class, console=None)
+        _, split = prepare_splits(
+            root,
+            image_size=trained.image_size,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+            classes=trained.classes,
+            only=trained.classes if cfg.classes else None,
+            group_threshold=cfg.group_threshold if cfg.split_by_group else None,
+            console=console,
+        )
+    else:
+        root = Path(data)
+        root = root / "val" if (root / "val").is_dir() else root
+        split = prepare_folder(
+            root, image_size=trained.image_size, classes=trained.classes, console=console
+        )
+    predictions = run_eval(
+        make_eval_step(trained.graphdef, tta=trained.config.tta),
+        trained.params,
+        trained.rest,
+        split,
+        batch_size,
+    )
+    result = summarise(*predictions[1:], trained.classes)
+    result["skipped"] = [{"path": p, "reason": r} for p, r in split.index.skipped]
+    return split, predictions, result
 
 
 def predict_images(

@@ -84,6 +84,12 @@ def check_image_size(name: str, image_size: tuple[int, int]) -> ModelSpec:
     return spec
 
 
+def check_ensemble(ensemble: int) -> None:
+    """Refuse an ``--ensemble`` size below one."""
+    if ensemble < 1:
+        raise SpringfieldError(f"--ensemble {ensemble}: must be 1 (one model) or more.")
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -99,8 +105,7 @@ def build_model(
     :class:`~springfield.models.ensemble.Ensemble`.
     """
     spec = check_image_size(name, image_size)
-    if ensemble < 1:
-        raise SpringfieldError(f"--ensemble {ensemble}: must be 1 (one model) or more.")
+    check_ensemble(ensemble)
     h, w = image_size
     act, rngs = get_activation(activation), nnx.Rngs(params=seed)
     # One Rngs stream for all members: each draws the next keys, so each starts elsewhere.
@@ -113,4 +118,12 @@ def count_params(model: nnx.Module) -> int:
     return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-__all__ = ["ACTIVATIONS", "MODELS", "build_model", "check_image_size", "count_params", "model_spec"]
+__all__ = [
+    "ACTIVATIONS",
+    "MODELS",
+    "build_model",
+    "check_ensemble",
+    "check_image_size",
+    "count_params",
+    "model_spec",
+]

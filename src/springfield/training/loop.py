@@ -32,7 +32,13 @@ from springfield.config import TrainConfig, save_json, to_json
 from springfield.data.pipeline import eval_dataset, to_iterator, train_dataset
 from springfield.data.prepare import Split, prepare_splits, resolve_data_root
 from springfield.errors import Interrupted, SpringfieldError
-from springfield.models import build_model, check_image_size, count_params, model_spec
+from springfield.models import (
+    build_model,
+    check_ensemble,
+    check_image_size,
+    count_params,
+    model_spec,
+)
 from springfield.models.activations import get_activation
 from springfield.paths import printable
 from springfield.training import checkpoint, history, run_folder
@@ -224,16 +230,15 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
     cfg = replace(cfg, workdir=workdir, image_size=image_size)
     # Refuse bad names and sizes before minutes of data preparation, not after.
     check_image_size(cfg.model, image_size)
+    check_ensemble(cfg.ensemble)
     get_activation(cfg.activation)
     build_optimizer(cfg, optax.constant_schedule(cfg.lr))
-    run_folder.make_workdir(workdir)
-    if cfg.ensemble < 1:
-        raise SpringfieldError(f"--ensemble {cfg.ensemble}: must be 1 (one model) or more.")
     for flag, alpha in (("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix)):
         if alpha < 0:
             raise SpringfieldError(f"{flag} {alpha}: must be 0 (off) or a positive alpha.")
     if not 0 <= cfg.erase <= 1:
         raise SpringfieldError(f"--erase {cfg.erase}: must be a chance between 0 and 1.")
+    run_folder.make_workdir(workdir)
     if cfg.early_stop < 0:
         raise SpringfieldError(
             f"--early-stop {cfg.early_stop}: must be 0 (off) or a number of epochs."

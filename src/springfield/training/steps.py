@@ -61,6 +61,17 @@ def _losses(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array
     return optax.softmax_cross_entropy(logits, _targets(labels, logits.shape[-1], smoothing))
 
 
+def _partners(key: jax.Array, x: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each example's partner for mixing: the batch (images and targets) in a random order."""
+    perm = jax.random.permutation(key, x.shape[0])
+    # With the batch sharded over a mesh, a gather must say how its result is sharded: the
+    # same way as its input.
+    return (
+        x.at[perm].get(out_sharding=jax.typeof(x).sharding),
+        targets.at[perm].get(out_sharding=jax.typeof(targets).sharding),
+    )
+
+
 def mixup(
     key: jax.Array, x: jax.Array, targets: jax.Array, alpha: float
 ) -> tuple[jax.Array, jax.Array]:
@@ -68,11 +79,7 @@ def mixup(
     batch, with one weight ``lam ~ Beta(alpha, alpha)`` for the whole batch."""
     k_lam, k_perm = jax.random.split(key)
     lam = jax.random.beta(k_lam, alpha, alpha)
-    perm = jax.random.permutation(k_perm, x.shape[0])
-    # With the batch sharded over a mesh, a gather must say how its result is sharded: the
-    # same way as its input.
-    x2 = x.at[perm].get(out_sharding=jax.typeof(x).sharding)
-    t2 = targets.at[perm].get(out_sharding=jax.typeof(targets).sharding)
+    x2, t2 = _partners(k_perm, x, targets)
     return lam * x + (1 - lam) * x2, lam * targets + (1 - lam) * t2
 
 
@@ -90,9 +97,7 @@ def cutmix(
     cx = jax.random.uniform(k_x) * w
     rows, cols = jnp.arange(h)[:, None] + 0.5, jnp.arange(w)[None, :] + 0.5
     box = (jnp.abs(rows - cy) < cut * h / 2) & (jnp.abs(cols - cx) < cut * w / 2)
-    perm = jax.random.permutation(k_perm, x.shape[0])
-    x2 = x.at[perm].get(out_sharding=jax.typeof(x).sharding)
-    t2 = targets.at[perm].get(out_sharding=jax.typeof(targets).sharding)
+    x2, t2 = _partners(k_perm, x, targets)
     kept = 1.0 - jnp.mean(box)
     return jnp.where(box[None, :, :, None], x2, x), kept * targets + (1 - kept) * t2
 
