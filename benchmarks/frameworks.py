@@ -5,9 +5,10 @@ and real image batch) is trained and evaluated by
 
 * ``springfield``: springfield's own jitted steps (``make_train_step``/``make_eval_step`` on
   ``springfield.models``), fed uint8 batches through ``parallel.shard_batch`` like the
-  training loop; plus ``springfield-xla-default`` (``SPRINGFIELD_XLA_FLAGS=0``) and
-  ``springfield-lax-conv`` (``SPRINGFIELD_CONV=lax``) to show what springfield's XLA flags
-  and its convolution layer buy;
+  training loop; plus ``springfield-xla-conv`` (``SPRINGFIELD_ONEDNN=0``: XLA's
+  convolutions instead of oneDNN's), ``springfield-xla-default`` (both off)
+  and ``springfield-lax-conv`` (``SPRINGFIELD_CONV=lax``) to show what springfield's oneDNN
+  kernels, its XLA flags and its convolution layer buy;
 * ``torch-eager`` (channels_last) and ``torch-compile`` (PyTorch);
 * ``keras-tf`` (TensorFlow graph mode, oneDNN), ``keras-tf-xla`` (``jit_compile=True``) and
   ``keras-jax`` (Keras 3 on the JAX backend, default XLA flags).
@@ -78,9 +79,12 @@ ROWS = {
     for r in (
         Row("springfield", "springfield"),
         Row(
-            "springfield-xla-default", "springfield-xla-default", (("SPRINGFIELD_XLA_FLAGS", "0"),)
+            "springfield-xla-default",
+            "springfield-xla-default",
+            (("SPRINGFIELD_XLA_FLAGS", "0"), ("SPRINGFIELD_ONEDNN", "0")),
         ),
         Row("springfield-lax-conv", "springfield-lax-conv", (("SPRINGFIELD_CONV", "lax"),)),
+        Row("springfield-xla-conv", "springfield-xla-conv", (("SPRINGFIELD_ONEDNN", "0"),)),
         Row("torch-eager", "torch"),
         Row("torch-compile", "torch"),
         Row("keras-tf", "keras-tf", (("KERAS_BACKEND", "tensorflow"),)),
@@ -89,7 +93,8 @@ ROWS = {
     )
 }
 DEFAULT_FRAMEWORKS = (
-    "springfield,springfield-xla-default,torch-eager,torch-compile,keras-tf,keras-tf-xla,keras-jax"
+    "springfield,springfield-xla-conv,springfield-xla-default,torch-eager,torch-compile,"
+    "keras-tf,keras-tf-xla,keras-jax"
 )
 DEFAULT_CONFIGS = "refcnn:64:32,refcnn:64:128,refcnn:128:128,seed:160x120:32"
 # Any other springfield model name (e.g. resnet:64:64) runs in the springfield rows only.

@@ -9,10 +9,12 @@ cache-hostile order: in the default ResNet this was a quarter of the training st
 but hands the weight gradient a materialised copy of the input, so the transpose reads
 memory instead of recomputing: the ResNets train about 15% faster.
 
-The ResNets use :func:`Conv`. ``refcnn`` and ``seed`` keep ``nnx.Conv``: their convolutions
-read average-pooled activations, which XLA already materialises, and the extra copy made
-them no faster. ``SPRINGFIELD_CONV=lax`` (read when a model is built) makes :func:`Conv`
-use plain ``lax.conv_general_dilated``.
+Where oneDNN can run (a single CPU device, see :mod:`springfield.kernels.onednn`) it runs
+every convolution of every model instead, and all of the above applies only to the fallback.
+The ResNets use :func:`Conv`; ``refcnn`` and ``seed`` use ``Conv(..., materialise=False)``:
+their convolutions read average-pooled activations, which XLA already materialises, and the
+extra copy made them no faster. ``SPRINGFIELD_CONV=lax`` (read when a model is built) makes
+:func:`Conv` use plain ``lax.conv_general_dilated``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+
+from springfield.kernels import onednn
 
 
 def _plain(x: jax.Array, w: jax.Array, cfg: tuple) -> jax.Array:
@@ -118,15 +122,22 @@ def conv_general_dilated(
     return _conv(lhs, rhs, cfg)
 
 
-def conv_impl() -> Any:
-    """The convolution function models use: ours, or lax's with ``SPRINGFIELD_CONV=lax``."""
+def conv_impl(materialise: bool = True) -> Any:
+    """The convolution function models use: oneDNN's where it can run
+    (:mod:`springfield.kernels.onednn`), else XLA's, with the materialised weight gradient
+    above when ``materialise``; plain ``lax`` with ``SPRINGFIELD_CONV=lax``."""
     if os.environ.get("SPRINGFIELD_CONV", "") == "lax":
         return lax.conv_general_dilated
-    return conv_general_dilated
+    return onednn.make_conv(conv_general_dilated if materialise else lax.conv_general_dilated)
 
 
-def Conv(in_features: int, out_features: int, kernel_size: tuple[int, ...], **kwargs: Any):  # noqa: N802 - a module constructor
+def Conv(  # noqa: N802 - a module constructor
+    in_features: int,
+    out_features: int,
+    kernel_size: tuple[int, ...],
+    materialise: bool = True,
+    **kwargs: Any,
+) -> nnx.Conv:
     """``nnx.Conv`` with :func:`conv_impl` as its convolution (same parameters and maths)."""
-    return nnx.Conv(
-        in_features, out_features, kernel_size, conv_general_dilated=conv_impl(), **kwargs
-    )
+    impl = conv_impl(materialise)
+    return nnx.Conv(in_features, out_features, kernel_size, conv_general_dilated=impl, **kwargs)

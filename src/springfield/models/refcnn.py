@@ -10,6 +10,7 @@ import jax
 from flax import nnx
 
 from springfield.models.activations import Activation
+from springfield.models.layers import Conv
 
 CHANNELS = (32, 64, 128)
 
@@ -30,7 +31,7 @@ class RefCNN(nnx.Module):
         self.act = act
         chans = (3, *CHANNELS)
         self.convs = nnx.List(
-            nnx.Conv(cin, cout, (3, 3), padding="SAME", rngs=rngs)
+            Conv(cin, cout, (3, 3), materialise=False, padding="SAME", rngs=rngs)
             for cin, cout in zip(chans[:-1], chans[1:], strict=True)
         )
         h, w = image_size

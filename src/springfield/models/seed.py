@@ -11,6 +11,7 @@ import jax
 from flax import nnx
 
 from springfield.models.activations import Activation
+from springfield.models.layers import Conv
 
 CHANNELS = (128, 128, 64, 32, 16)
 
@@ -32,7 +33,7 @@ class SeedCNN(nnx.Module):
         self.act = act
         chans = (3, *CHANNELS)
         self.convs = nnx.List(
-            nnx.Conv(cin, cout, (3, 3), padding="SAME", rngs=rngs)
+            Conv(cin, cout, (3, 3), materialise=False, padding="SAME", rngs=rngs)
             for cin, cout in zip(chans[:-1], chans[1:], strict=True)
         )
         h, w = image_size

@@ -32,6 +32,7 @@ from springfield.config import TrainConfig, save_json, to_json
 from springfield.data.pipeline import eval_dataset, to_iterator, train_dataset
 from springfield.data.prepare import Split, prepare_splits, resolve_data_root
 from springfield.errors import Interrupted, SpringfieldError
+from springfield.kernels import onednn
 from springfield.models import (
     build_model,
     check_ensemble,
@@ -357,7 +358,8 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             f"[bold]{cfg.model}[/] ({count_params(model):,} parameters) on {n_train} train / "
             f"{len(val_split.index)} val images of {len(classes)} classes at "
             f"{image_size[0]}x{image_size[1]}; {cfg.epochs} epochs x {steps_per_epoch} steps "
-            f"on {jax.device_count()} device(s). Skipped {skipped} file(s)"
+            f"on {jax.device_count()} device(s), convolutions by {onednn.short_status()}. "
+            f"Skipped {skipped} file(s)"
             + (f" (see {workdir / 'skipped.txt'})." if skipped else ".")
         )
         for path, reason in skipped_files[:_SHOW_SKIPPED]:

@@ -1,0 +1,263 @@
+"""2-D convolutions on the CPU through oneDNN, called from jitted JAX code via XLA's FFI.
+
+XLA:CPU (jaxlib 0.10) runs convolutions in its own Eigen kernels at 60-80% of GEMM speed on
+the 2-core machines springfield is measured on, and on one core when YNNPACK takes them; the
+oneDNN inside jaxlib is not reachable for convolutions. oneDNN's JIT kernels (the ones
+TensorFlow and PyTorch use) run the same convolutions at 90-100% of GEMM speed
+(docs/performance.md). :func:`conv_general_dilated` is a drop-in for
+:func:`jax.lax.conv_general_dilated` that runs float32 NHWC/HWIO 2-D convolutions as three
+FFI calls (forward, input gradient, weight gradient) into ``onednn_conv.cc``, with the same
+maths, and falls back to ``fallback`` for anything else.
+
+The C++ file is compiled on first use with the system's ``g++`` against the oneDNN wheel
+(``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``) and jaxlib's FFI headers, into
+``$SPRINGFIELD_CACHE`` (default ``~/.cache/springfield``)/kernels, one file per
+source/jaxlib/oneDNN version; later processes load it in milliseconds. Where any of that is
+missing (another OS or CPU, no compiler, a GPU backend, several devices) springfield uses
+XLA's convolution and says why in :func:`status`. ``SPRINGFIELD_ONEDNN=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, distribution, version
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax import lax
+
+SOURCE = Path(__file__).with_name("onednn_conv.cc")
+_TARGETS = {
+    "forward": "SpringfieldConvForward",
+    "input_grad": "SpringfieldConvBackwardData",
+    "weight_grad": "SpringfieldConvBackwardWeights",
+}
+_NAME = "springfield_onednn_conv_"
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$SPRINGFIELD_CACHE/kernels``."""
+    root = os.environ.get("SPRINGFIELD_CACHE") or Path.home() / ".cache" / "springfield"
+    return Path(root) / "kernels"
+
+
+def _dist_file(dist: str, suffix: str) -> Path | None:
+    try:
+        files = distribution(dist).files or []
+    except PackageNotFoundError:
+        return None
+    for f in files:
+        if ("/" + str(f)).endswith(suffix):
+            return Path(f.locate()).resolve()
+    return None
+
+
+def _build(out: Path) -> None:
+    lib = _dist_file("onednn-cpu-gomp", "/libdnnl.so.3")
+    header = _dist_file("onednn-devel-cpu-gomp", "/oneapi/dnnl/dnnl.hpp")
+    if lib is None or header is None:
+        raise RuntimeError(
+            "oneDNN is not installed (pip packages onednn-cpu-gomp, onednn-devel-cpu-gomp)"
+        )
+    include = header.parents[2]
+    ffi_include = Path(jax.ffi.include_dir())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name and rename: concurrent builders never see half a file.
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    cmd = [
+        os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+        f"-I{ffi_include}", f"-I{include}", str(SOURCE), str(lib),
+        f"-Wl,-rpath,{lib.parent}", "-o", str(tmp_path),
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        tmp_path.unlink(missing_ok=True)
+        raise RuntimeError(f"could not run the C++ compiler ({cmd[0]}): {e}") from e
+    if done.returncode != 0:
+        tmp_path.unlink(missing_ok=True)
+        raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-400:]}")
+    os.replace(tmp_path, out)
+
+
+def _library_path() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes())
+    for dist in ("jaxlib", "onednn-cpu-gomp"):
+        try:
+            key.update(f"{dist}={version(dist)}".encode())
+        except PackageNotFoundError:
+            key.update(dist.encode())
+    return cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.uname().machine != "x86_64" or os.uname().sysname != "Linux":
+        return None, "oneDNN kernels are built for Linux x86_64 only"
+    path = _library_path()
+    try:
+        if not path.exists():
+            _build(path)
+        lib = ctypes.cdll.LoadLibrary(str(path))
+    except (RuntimeError, OSError) as e:
+        return None, str(e)
+    for target, symbol in _TARGETS.items():
+        capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+        jax.ffi.register_ffi_target(_NAME + target, capsule, platform="cpu")
+    lib.springfield_conv_impl.restype = ctypes.c_char_p
+    return lib, f"oneDNN ({path.name})"
+
+
+def status() -> str:
+    """What runs springfield's convolutions in this process, and why, in a few words."""
+    if os.environ.get("SPRINGFIELD_ONEDNN", "1") == "0":
+        return "XLA (SPRINGFIELD_ONEDNN=0)"
+    # A custom call cannot be split across devices by XLA's partitioner, and is registered
+    # for the CPU only: anything but one CPU device keeps XLA's convolution.
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return f"XLA ({jax.device_count()} {jax.default_backend()} devices; oneDNN needs 1 CPU)"
+    lib, why = _load()
+    return why if lib is not None else f"XLA ({why})"
+
+
+def short_status() -> str:
+    """:func:`status` without the library's file name: ``oneDNN`` or ``XLA (reason)``."""
+    text = status()
+    return "oneDNN" if text.startswith("oneDNN") else text
+
+
+def available() -> bool:
+    """Whether convolutions built now can run through oneDNN (builds the kernels once)."""
+    return status().startswith("oneDNN")
+
+
+def _attrs(strides: tuple[int, int], pads: tuple) -> dict[str, np.int64]:
+    (pt, pb), (pl, pr) = pads
+    return {
+        "stride_h": np.int64(strides[0]),
+        "stride_w": np.int64(strides[1]),
+        "pad_top": np.int64(pt),
+        "pad_bottom": np.int64(pb),
+        "pad_left": np.int64(pl),
+        "pad_right": np.int64(pr),
+    }
+
+
+def _call(target: str, shape: tuple, a: jax.Array, b: jax.Array, geom: tuple) -> jax.Array:
+    strides, pads = geom
+    out = jax.ShapeDtypeStruct(shape, a.dtype)
+    # vmap (ensembles) loops over the mapped axis: the kernels take fixed-rank arrays.
+    fn = jax.ffi.ffi_call(_NAME + target, out, vmap_method="sequential")
+    return fn(a, b, **_attrs(strides, pads))
+
+
+def _out_shape(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[int, int, int, int]:
+    (sh, sw), ((pt, pb), (pl, pr)) = geom
+    n, h, wd, _ = x.shape
+    kh, kw, _, o = w.shape
+    return n, (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1, o
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x: jax.Array, w: jax.Array, geom: tuple) -> jax.Array:
+    return _call("forward", _out_shape(x, w, geom), x, w, geom)
+
+
+def _conv_fwd(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
+    return _conv(x, w, geom), (x, w)
+
+
+def _conv_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    dx = _call("input_grad", x.shape, dy, w, geom)
+    dw = _call("weight_grad", w.shape, x, dy, geom)
+    return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _dims_are_nhwc(dimension_numbers: Any, ndim: int) -> bool:
+    if ndim != 4 or dimension_numbers is None:
+        return False
+    if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+        want = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _NHWC)
+        return dimension_numbers == want
+    return tuple(dimension_numbers) == _NHWC
+
+
+def _trivial(v: Any) -> bool:
+    return v is None or all(d == 1 for d in v)
+
+
+def make_conv(fallback: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """A :func:`jax.lax.conv_general_dilated` drop-in (the signature ``nnx.Conv`` calls) that
+    runs on oneDNN when it can and calls ``fallback`` with the same arguments otherwise.
+
+    Whether oneDNN can run here (:func:`available`) is decided now, when the model is built;
+    what it can run (float32, NHWC/HWIO, 2-D, no dilation or groups) when it is called."""
+    if not available():
+        return fallback
+
+    def conv_general_dilated(
+        lhs: jax.Array,
+        rhs: jax.Array,
+        window_strides: Any,
+        padding: Any,
+        lhs_dilation: Any = None,
+        rhs_dilation: Any = None,
+        dimension_numbers: Any = None,
+        feature_group_count: int = 1,
+        precision: Any = None,
+        **kwargs: Any,
+    ) -> jax.Array:
+        ours = (
+            _dims_are_nhwc(dimension_numbers, lhs.ndim)
+            and lhs.dtype == rhs.dtype == np.float32
+            and feature_group_count == 1
+            and _trivial(lhs_dilation)
+            and _trivial(rhs_dilation)
+            and not any(v is not None for v in kwargs.values())
+        )
+        if not ours:
+            return fallback(
+                lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                feature_group_count=feature_group_count, precision=precision, **kwargs,
+            )  # fmt: skip
+        strides = tuple(int(s) for s in window_strides)
+        if isinstance(padding, str):
+            pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+        else:
+            pads = padding
+        geom = (strides, tuple((int(a), int(b)) for a, b in pads))
+        return _conv(lhs, rhs, geom)
+
+    return conv_general_dilated
+
+
+def implementation(x_shape: tuple, w_shape: tuple, strides: tuple, padding: str = "SAME") -> str:
+    """oneDNN's implementation names (forward / input grad / weight grad) for one geometry."""
+    lib, why = _load()
+    if lib is None:
+        return f"XLA ({why})"
+    pads = lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding)
+    n, oh, ow, _ = _out_shape(
+        jax.ShapeDtypeStruct(x_shape, np.float32), jax.ShapeDtypeStruct(w_shape, np.float32),
+        (strides, pads),
+    )  # fmt: skip
+    (pt, pb), (pl, pr) = pads
+    n, h, w, c = x_shape
+    kh, kw, _, o = w_shape
+    args = (n, h, w, c, kh, kw, o, oh, ow, *strides, pt, pb, pl, pr)
+    return lib.springfield_conv_impl(*(ctypes.c_int64(a) for a in args)).decode()
