@@ -5,10 +5,12 @@ and real image batch) is trained and evaluated by
 
 * ``springfield``: springfield's own jitted steps (``make_train_step``/``make_eval_step`` on
   ``springfield.models``), fed uint8 batches through ``parallel.shard_batch`` like the
-  training loop; plus ``springfield-xla-conv`` (``SPRINGFIELD_ONEDNN=0``: XLA's
-  convolutions instead of oneDNN's), ``springfield-xla-default`` (both off)
-  and ``springfield-lax-conv`` (``SPRINGFIELD_CONV=lax``) to show what springfield's oneDNN
-  kernels, its XLA flags and its convolution layer buy;
+  training loop, float32 throughout; ``springfield-bf16``: the same with ``--precision
+  bfloat16`` (bfloat16 products in the convolutions, float32 sums); plus, to show what
+  springfield's oneDNN kernels, its XLA flags and its convolution layer each buy,
+  ``springfield-xla-conv`` (``SPRINGFIELD_ONEDNN=0``: XLA's convolutions),
+  ``springfield-xla-default`` (that and ``SPRINGFIELD_XLA_FLAGS=0``: plain JAX) and
+  ``springfield-lax-conv`` (``SPRINGFIELD_CONV=lax``);
 * ``torch-eager`` (channels_last) and ``torch-compile`` (PyTorch);
 * ``keras-tf`` (TensorFlow graph mode, oneDNN), ``keras-tf-xla`` (``jit_compile=True``) and
   ``keras-jax`` (Keras 3 on the JAX backend, default XLA flags).
@@ -78,6 +80,7 @@ ROWS = {
     r.name: r
     for r in (
         Row("springfield", "springfield"),
+        Row("springfield-bf16", "springfield"),
         Row(
             "springfield-xla-default",
             "springfield-xla-default",
@@ -93,7 +96,8 @@ ROWS = {
     )
 }
 DEFAULT_FRAMEWORKS = (
-    "springfield,springfield-xla-conv,springfield-xla-default,torch-eager,torch-compile,"
+    "springfield,springfield-bf16,springfield-xla-conv,springfield-xla-default,torch-eager,"
+    "torch-compile,"
     "keras-tf,keras-tf-xla,keras-jax"
 )
 DEFAULT_CONFIGS = "refcnn:64:32,refcnn:64:128,refcnn:128:128,seed:160x120:32"
@@ -188,7 +192,9 @@ class SpringfieldRunner(Runner):
     """springfield's real steps on springfield's model, Adam via springfield's optimizer
     factory, batches through ``parallel.shard_batch`` as in the training loop."""
 
-    def __init__(self, cfg: Config, images: np.ndarray, labels: np.ndarray) -> None:
+    def __init__(
+        self, cfg: Config, images: np.ndarray, labels: np.ndarray, precision: str = "float32"
+    ) -> None:
         import jax
         import optax
 
@@ -197,7 +203,7 @@ class SpringfieldRunner(Runner):
         from springfield.training.optim import make_optimizer
         from springfield.training.steps import init_state, make_eval_step, make_train_step
 
-        model = build_model(cfg.net, cfg.classes, image_size=cfg.size)
+        model = build_model(cfg.net, cfg.classes, image_size=cfg.size, precision=precision)
         self.params = count_params(model)
         tx = make_optimizer("adam", optax.constant_schedule(LR))
         graphdef, state = init_state(model, tx)
@@ -332,7 +338,8 @@ class KerasRunner(Runner):
 def make_runner(row: str, cfg: Config, images: np.ndarray, labels: np.ndarray) -> Runner:
     """The runner of framework row ``row``."""
     if row.startswith("springfield"):
-        return SpringfieldRunner(cfg, images, labels)
+        precision = "bfloat16" if row.endswith("-bf16") else "float32"
+        return SpringfieldRunner(cfg, images, labels, precision)
     if cfg.net not in NETS:
         raise NotImplementedError(f"{cfg.net} is a springfield-only network")
     if row.startswith("torch"):

@@ -31,7 +31,9 @@ import time
 import numpy as np
 
 
-def build(model_name: str, size: tuple[int, int], batch: int, mode: str):
+def build(
+    model_name: str, size: tuple[int, int], batch: int, mode: str, precision: str = "float32"
+):
     """(step function, its arguments, a function that advances the arguments) on a fixed batch."""
     import jax
     import jax.numpy as jnp
@@ -41,7 +43,7 @@ def build(model_name: str, size: tuple[int, int], batch: int, mode: str):
     from springfield.training.optim import make_optimizer
     from springfield.training.steps import init_state, make_eval_step, make_train_step
 
-    model = build_model(model_name, 4, image_size=size)
+    model = build_model(model_name, 4, image_size=size, precision=precision)
     tx = make_optimizer("adam", optax.constant_schedule(1e-3))
     graphdef, state = init_state(model, tx)
     rng = np.random.default_rng(0)
@@ -173,6 +175,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--mode", choices=("train", "eval"), default="train")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--top", type=int, default=15, help="how many thunks to list")
     p.add_argument("--compare-conv", action="store_true", help="A/B springfield vs lax convs")
     p.add_argument("--conv-layers", action="store_true", help="time each convolution alone")
@@ -207,7 +210,7 @@ def main() -> None:
         for impl, (_, _, rates) in runs.items():
             print(f"| {impl} | {np.median(rates):.0f} | {max(rates):.0f} |")
         return
-    step, step_args, run = build(args.model, size, args.batch, args.mode)
+    step, step_args, run = build(args.model, size, args.batch, args.mode, args.precision)
     # The eval step picks its compiler options by batch size, so it has no single .lower().
     cost = step.lower(*step_args).compile().cost_analysis() if hasattr(step, "lower") else {}
     cost = cost[0] if isinstance(cost, list) else cost

@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax import lax
@@ -139,3 +140,48 @@ def test_kernels_are_built_once_into_the_cache(tmp_path):
     built = list((tmp_path / "kernels").glob("onednn_conv-*.so"))
     assert len(built) == int(IS_LINUX_X86)
     assert not list((tmp_path / "kernels").glob("tmp*"))
+
+
+def test_bfloat16_products_are_close_to_float32_and_really_bfloat16():
+    # bfloat16 keeps 8 bits of mantissa: results within ~1% of float32's, and not equal to
+    # them (which would mean the bfloat16 path silently ran in float32).
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(k1, (4, 12, 12, 16))
+    w = jax.random.normal(k2, (3, 3, 16, 8)) * 0.2
+    probe = jax.random.normal(k3, (4, 6, 6, 8))
+    out = {}
+    for bf16 in (False, True):
+        conv = onednn.make_conv(fallback=None, bfloat16=bf16)  # type: ignore[arg-type]
+
+        def loss(x, w, conv=conv):
+            y = conv(x, w, (2, 2), "SAME", dimension_numbers=NHWC)
+            return jnp.sum(y * probe), y
+
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
+        out[bf16] = (y, *grads)
+        assert all(a.dtype == jnp.float32 for a in out[bf16])
+    for a, b in zip(out[False], out[True], strict=True):
+        scale = float(jnp.max(jnp.abs(a)))
+        err = float(jnp.max(jnp.abs(a - b)))
+        assert err < 0.02 * scale
+        assert err > 0 or not onednn.bf16_supported()
+    if onednn.bf16_supported():
+        names = onednn.implementation((4, 12, 12, 16), (3, 3, 16, 8), (2, 2), bfloat16=True)
+        assert all("bf16" in name for name in names.split(" / ")), names
+
+
+def test_bfloat16_model_trains_like_float32():
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        model = build_model("resnet", 3, image_size=(32, 32), precision=precision)
+        opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+
+        def loss_fn(m):
+            return jnp.mean(jax.nn.log_softmax(m(x, train=True))[:, 0] * -1)
+
+        for _ in range(3):
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            opt.update(model, grads)
+        losses[precision] = float(loss)
+    assert abs(losses["float32"] - losses["bfloat16"]) < 0.02 * abs(losses["float32"])

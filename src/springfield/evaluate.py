@@ -88,6 +88,7 @@ def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
         activation=cfg.activation,
         seed=cfg.seed,
         ensemble=cfg.ensemble,
+        precision=cfg.precision,
     )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # The optimizer state is restored too (orbax needs the full tree); only the --ema

@@ -4,14 +4,15 @@ XLA:CPU (jaxlib 0.10) runs convolutions in its own Eigen kernels at 60-80% of GE
 the 2-core machines springfield is measured on, and on one core when YNNPACK takes them; the
 oneDNN inside jaxlib is not reachable for convolutions. oneDNN's JIT kernels (the ones
 TensorFlow and PyTorch use) run the same convolutions at 90-100% of GEMM speed
-(docs/performance.md). :func:`conv_general_dilated` is a drop-in for
+(docs/performance.md). :func:`make_conv` makes a drop-in for
 :func:`jax.lax.conv_general_dilated` that runs float32 NHWC/HWIO 2-D convolutions as three
 FFI calls (forward, input gradient, weight gradient) into ``onednn_conv.cc``, with the same
-maths, and falls back to ``fallback`` for anything else.
+maths (or with bfloat16 products, on request), and falls back to another convolution for
+anything else.
 
 The C++ file is compiled on first use with the system's ``g++`` against the oneDNN wheel
 (``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``) and jaxlib's FFI headers, into
-``$SPRINGFIELD_CACHE`` (default ``~/.cache/springfield``)/kernels, one file per
+``kernels/`` of springfield's cache folder (:func:`springfield.paths.cache_root`), one file per
 source/jaxlib/oneDNN version; later processes load it in milliseconds. Where any of that is
 missing (another OS or CPU, no compiler, a GPU backend, several devices) springfield uses
 XLA's convolution and says why in :func:`status`. ``SPRINGFIELD_ONEDNN=0`` turns it off.
@@ -31,8 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from springfield.paths import cache_root
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = {
@@ -42,12 +46,6 @@ _TARGETS = {
 }
 _NAME = "springfield_onednn_conv_"
 _NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels are kept: ``$SPRINGFIELD_CACHE/kernels``."""
-    root = os.environ.get("SPRINGFIELD_CACHE") or Path.home() / ".cache" / "springfield"
-    return Path(root) / "kernels"
 
 
 def _dist_file(dist: str, suffix: str) -> Path | None:
@@ -97,7 +95,7 @@ def _library_path() -> Path:
             key.update(f"{dist}={version(dist)}".encode())
         except PackageNotFoundError:
             key.update(dist.encode())
-    return cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
+    return cache_root() / "kernels" / f"onednn_conv-{key.hexdigest()[:16]}.so"
 
 
 @functools.cache
@@ -154,33 +152,42 @@ def _attrs(strides: tuple[int, int], pads: tuple) -> dict[str, np.int64]:
 
 
 def _call(target: str, shape: tuple, a: jax.Array, b: jax.Array, geom: tuple) -> jax.Array:
-    strides, pads = geom
-    out = jax.ShapeDtypeStruct(shape, a.dtype)
+    strides, pads, _ = geom
+    # Results are always float32 (oneDNN accumulates in float32 whatever the inputs).
+    out = jax.ShapeDtypeStruct(shape, np.float32)
     # vmap (ensembles) loops over the mapped axis: the kernels take fixed-rank arrays.
     fn = jax.ffi.ffi_call(_NAME + target, out, vmap_method="sequential")
     return fn(a, b, **_attrs(strides, pads))
 
 
 def _out_shape(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[int, int, int, int]:
-    (sh, sw), ((pt, pb), (pl, pr)) = geom
+    (sh, sw), ((pt, pb), (pl, pr)), _ = geom
     n, h, wd, _ = x.shape
     kh, kw, _, o = w.shape
     return n, (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1, o
 
 
+def _inputs(geom: tuple, *arrays: jax.Array) -> list[jax.Array]:
+    # geom[2]: compute in bfloat16. The casts are elementwise, so XLA fuses them into
+    # whatever produced the array; the residuals kept for the backward pass halve too.
+    return [a.astype(jnp.bfloat16) if geom[2] else a for a in arrays]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x: jax.Array, w: jax.Array, geom: tuple) -> jax.Array:
-    return _call("forward", _out_shape(x, w, geom), x, w, geom)
+    return _call("forward", _out_shape(x, w, geom), *_inputs(geom, x, w), geom)
 
 
 def _conv_fwd(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
-    return _conv(x, w, geom), (x, w)
+    x_in, w_in = _inputs(geom, x, w)
+    return _call("forward", _out_shape(x, w, geom), x_in, w_in, geom), (x_in, w_in)
 
 
 def _conv_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x, w = res
-    dx = _call("input_grad", x.shape, dy, w, geom)
-    dw = _call("weight_grad", w.shape, x, dy, geom)
+    x_in, w_in = res
+    (dy_in,) = _inputs(geom, dy)
+    dx = _call("input_grad", x_in.shape, dy_in, w_in, geom)
+    dw = _call("weight_grad", w_in.shape, x_in, dy_in, geom)
     return dx, dw
 
 
@@ -200,14 +207,30 @@ def _trivial(v: Any) -> bool:
     return v is None or all(d == 1 for d in v)
 
 
-def make_conv(fallback: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+def bf16_supported() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX), without
+    which oneDNN's bfloat16 convolutions are slower than float32 ones."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def make_conv(
+    fallback: Callable[..., jax.Array], bfloat16: bool = False
+) -> Callable[..., jax.Array]:
     """A :func:`jax.lax.conv_general_dilated` drop-in (the signature ``nnx.Conv`` calls) that
     runs on oneDNN when it can and calls ``fallback`` with the same arguments otherwise.
 
-    Whether oneDNN can run here (:func:`available`) is decided now, when the model is built;
-    what it can run (float32, NHWC/HWIO, 2-D, no dilation or groups) when it is called."""
+    ``bfloat16``: oneDNN multiplies bfloat16 copies of the float32 inputs (and of the
+    output gradient) and accumulates in float32, as JAX's default precision does on TPUs;
+    ignored where the CPU lacks bfloat16 instructions. Whether oneDNN can run here
+    (:func:`available`) is decided now, when the model is built; what it can run (float32,
+    NHWC/HWIO, 2-D, no dilation or groups) when it is called."""
     if not available():
         return fallback
+    bfloat16 = bfloat16 and bf16_supported()
 
     def conv_general_dilated(
         lhs: jax.Array,
@@ -240,13 +263,15 @@ def make_conv(fallback: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
             pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
         else:
             pads = padding
-        geom = (strides, tuple((int(a), int(b)) for a, b in pads))
+        geom = (strides, tuple((int(a), int(b)) for a, b in pads), bfloat16)
         return _conv(lhs, rhs, geom)
 
     return conv_general_dilated
 
 
-def implementation(x_shape: tuple, w_shape: tuple, strides: tuple, padding: str = "SAME") -> str:
+def implementation(
+    x_shape: tuple, w_shape: tuple, strides: tuple, padding: str = "SAME", bfloat16: bool = False
+) -> str:
     """oneDNN's implementation names (forward / input grad / weight grad) for one geometry."""
     lib, why = _load()
     if lib is None:
@@ -254,10 +279,10 @@ def implementation(x_shape: tuple, w_shape: tuple, strides: tuple, padding: str 
     pads = lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding)
     n, oh, ow, _ = _out_shape(
         jax.ShapeDtypeStruct(x_shape, np.float32), jax.ShapeDtypeStruct(w_shape, np.float32),
-        (strides, pads),
+        (strides, pads, bfloat16),
     )  # fmt: skip
     (pt, pb), (pl, pr) = pads
     n, h, w, c = x_shape
     kh, kw, _, o = w_shape
-    args = (n, h, w, c, kh, kw, o, oh, ow, *strides, pt, pb, pl, pr)
+    args = (n, h, w, c, kh, kw, o, oh, ow, *strides, pt, pb, pl, pr, int(bfloat16))
     return lib.springfield_conv_impl(*(ctypes.c_int64(a) for a in args)).decode()

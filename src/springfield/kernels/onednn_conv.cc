@@ -1,6 +1,8 @@
-// 2-D convolutions (NHWC activations, HWIO weights, float32) run by oneDNN, exposed to
-// XLA as typed FFI handlers. XLA:CPU's own convolution kernels reach about 60% of GEMM
-// speed on the machines springfield is measured on; oneDNN's JIT kernels reach ~90%.
+// 2-D convolutions (NHWC activations, HWIO weights) run by oneDNN, exposed to XLA as typed
+// FFI handlers. XLA:CPU's own convolution kernels reach about 60% of GEMM speed on the
+// machines springfield is measured on; oneDNN's JIT kernels reach ~100%, and twice that with
+// bfloat16 inputs on CPUs with AVX512_BF16. Inputs are float32 or bfloat16 (all of one
+// call's alike); results and accumulation are always float32.
 //
 // One plan (primitive descriptors, primitives, weight reorders) is built per geometry
 // and cached for the life of the process. Scratchpads are user-managed and allocated per
@@ -9,6 +11,7 @@
 #include <functional>
 #include <string>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -31,11 +34,12 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr
-using Key = std::array<int64_t, 15>;
+// n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, inputs are bfloat16
+using Key = std::array<int64_t, 16>;
 
 struct Plan {
-  memory::desc src, wei_user, dst;
+  // Inputs (src, wei_user, dst as diff_dst) in the input type; outputs in float32.
+  memory::desc src, wei_user, dst, src_f32, wei_f32, dst_f32;
   dnnl::primitive_attr attr;
   dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
@@ -44,23 +48,28 @@ struct Plan {
 };
 
 std::shared_ptr<Plan> MakePlan(const Key& k) {
-  auto [n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr] = k;
+  auto [n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, bf16] = k;
+  const dt in = bf16 ? dt::bf16 : dt::f32;
   auto plan = std::make_shared<Plan>();
   auto& eng = Engine();
-  plan->src = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
-  plan->dst = memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc);
-  plan->wei_user = memory::desc({o, c, kh, kw}, dt::f32, tag::hwio);
-  memory::desc wei_any({o, c, kh, kw}, dt::f32, tag::any);
+  plan->src = memory::desc({n, c, h, w}, in, tag::nhwc);
+  plan->dst = memory::desc({n, o, oh, ow}, in, tag::nhwc);
+  plan->wei_user = memory::desc({o, c, kh, kw}, in, tag::hwio);
+  plan->src_f32 = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
+  plan->dst_f32 = memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc);
+  plan->wei_f32 = memory::desc({o, c, kh, kw}, dt::f32, tag::hwio);
+  memory::desc wei_any({o, c, kh, kw}, in, tag::any);
+  memory::desc diff_wei_any({o, c, kh, kw}, dt::f32, tag::any);
   memory::dims strides{sh, sw}, pad_l{pt, pl}, pad_r{pb, pr};
   plan->attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   plan->fwd_pd = dnnl::convolution_forward::primitive_desc(
       eng, prop_kind::forward_training, algorithm::convolution_direct, plan->src,
-      wei_any, plan->dst, strides, pad_l, pad_r, plan->attr);
+      wei_any, plan->dst_f32, strides, pad_l, pad_r, plan->attr);
   plan->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
-      eng, algorithm::convolution_direct, plan->src, wei_any, plan->dst, strides,
+      eng, algorithm::convolution_direct, plan->src_f32, wei_any, plan->dst, strides,
       pad_l, pad_r, plan->fwd_pd, plan->attr);
   plan->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
-      eng, algorithm::convolution_direct, plan->src, wei_any, plan->dst, strides,
+      eng, algorithm::convolution_direct, plan->src, diff_wei_any, plan->dst, strides,
       pad_l, pad_r, plan->fwd_pd, plan->attr);
   plan->fwd = dnnl::convolution_forward(plan->fwd_pd);
   plan->bwd_data = dnnl::convolution_backward_data(plan->bwd_data_pd);
@@ -81,9 +90,18 @@ std::shared_ptr<Plan> GetPlan(const Key& k) {
 
 Key MakeKey(ffi::Span<const int64_t> x, ffi::Span<const int64_t> wt,
             ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
-            int64_t pb, int64_t pl, int64_t pr) {
-  return Key{x[0], x[1], x[2], x[3], wt[0], wt[1], wt[3], y[1], y[2],
-             sh,   sw,   pt,   pb,   pl,    pr};
+            int64_t pb, int64_t pl, int64_t pr, ffi::DataType in) {
+  return Key{x[0], x[1], x[2], x[3], wt[0], wt[1], wt[3], y[1],
+             y[2], sh,   sw,   pt,   pb,    pl,    pr,    in == ffi::DataType::BF16};
+}
+
+bool Supported(ffi::DataType a, ffi::DataType b) {
+  return a == b && (a == ffi::DataType::F32 || a == ffi::DataType::BF16);
+}
+
+ffi::Error Unsupported() {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    "springfield oneDNN convolution: inputs must both be float32 or bfloat16");
 }
 
 // Runs `prim` with `args`, giving it a scratchpad of its own.
@@ -115,28 +133,30 @@ ffi::Error Guard(const std::function<void()>& body) {
   return ffi::Error::Success();
 }
 
-ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw,
-                       int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y,
+                       int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                       int64_t pr) {
+  if (!Supported(x.element_type(), w.element_type())) return Unsupported();
   return Guard([&] {
     auto p = GetPlan(MakeKey(x.dimensions(), w.dimensions(), y->dimensions(), sh,
-                             sw, pt, pb, pl, pr));
+                             sw, pt, pb, pl, pr, x.element_type()));
     memory src(p->src, Engine(), x.untyped_data());
-    memory dst(p->dst, Engine(), y->untyped_data());
+    memory dst(p->dst_f32, Engine(), y->untyped_data());
     memory wei = WeightsIn(*p, p->fwd_pd.weights_desc(), w.untyped_data());
     Run(p->fwd, p->fwd_pd.scratchpad_desc(),
         {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
   });
 }
 
-ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w,
                             ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw,
                             int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  if (!Supported(dy.element_type(), w.element_type())) return Unsupported();
   return Guard([&] {
     auto p = GetPlan(MakeKey(dx->dimensions(), w.dimensions(), dy.dimensions(), sh,
-                             sw, pt, pb, pl, pr));
+                             sw, pt, pb, pl, pr, dy.element_type()));
     memory diff_dst(p->dst, Engine(), dy.untyped_data());
-    memory diff_src(p->src, Engine(), dx->untyped_data());
+    memory diff_src(p->src_f32, Engine(), dx->untyped_data());
     memory wei = WeightsIn(*p, p->bwd_data_pd.weights_desc(), w.untyped_data());
     Run(p->bwd_data, p->bwd_data_pd.scratchpad_desc(),
         {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei},
@@ -144,22 +164,22 @@ ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   });
 }
 
-ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                               ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
-                               int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                               int64_t pr) {
+ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                               ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
+                               int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  if (!Supported(x.element_type(), dy.element_type())) return Unsupported();
   return Guard([&] {
     auto p = GetPlan(MakeKey(x.dimensions(), dw->dimensions(), dy.dimensions(), sh,
-                             sw, pt, pb, pl, pr));
+                             sw, pt, pb, pl, pr, x.element_type()));
     memory src(p->src, Engine(), x.untyped_data());
     memory diff_dst(p->dst, Engine(), dy.untyped_data());
-    memory user(p->wei_user, Engine(), dw->untyped_data());
+    memory user(p->wei_f32, Engine(), dw->untyped_data());
     const auto want = p->bwd_weights_pd.diff_weights_desc();
-    memory diff_wei = want == p->wei_user ? user : memory(want, Engine());
+    memory diff_wei = want == p->wei_f32 ? user : memory(want, Engine());
     Run(p->bwd_weights, p->bwd_weights_pd.scratchpad_desc(),
         {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
          {DNNL_ARG_DIFF_WEIGHTS, diff_wei}});
-    if (!(want == p->wei_user)) {
+    if (!(want == p->wei_f32)) {
       dnnl::stream stream(Engine());
       dnnl::reorder(diff_wei, user).execute(stream, diff_wei, user);
       stream.wait();
@@ -175,20 +195,20 @@ ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvForward, ConvForward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>() SPRINGFIELD_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBackwardData, ConvBackwardData,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>() SPRINGFIELD_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBackwardWeights, ConvBackwardWeights,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>() SPRINGFIELD_CONV_ATTRS);
 
 // Which implementation oneDNN picked for each pass of a geometry: for benchmarks.
@@ -196,9 +216,9 @@ extern "C" const char* springfield_conv_impl(int64_t n, int64_t h, int64_t w, in
                                              int64_t kh, int64_t kw, int64_t o,
                                              int64_t oh, int64_t ow, int64_t sh,
                                              int64_t sw, int64_t pt, int64_t pb,
-                                             int64_t pl, int64_t pr) {
+                                             int64_t pl, int64_t pr, int64_t bf16) {
   static thread_local std::string out;
-  auto p = GetPlan(Key{n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr});
+  auto p = GetPlan(Key{n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, bf16});
   out = std::string(p->fwd_pd.impl_info_str()) + " / " + p->bwd_data_pd.impl_info_str() + " / " +
         p->bwd_weights_pd.impl_info_str();
   return out.c_str();

@@ -12,6 +12,7 @@ from flax import nnx
 from springfield.errors import SpringfieldError
 from springfield.models.activations import ACTIVATIONS, get_activation
 from springfield.models.ensemble import Ensemble
+from springfield.models.layers import conv_precision
 from springfield.models.refcnn import RefCNN
 from springfield.models.resnet import ResNet
 from springfield.models.seed import SeedCNN
@@ -98,18 +99,21 @@ def build_model(
     activation: str = "relu",
     seed: int = 0,
     ensemble: int = 1,
+    precision: str = "float32",
 ) -> nnx.Module:
     """Build model ``name`` for ``num_classes`` classes and inputs of ``image_size``.
 
     ``ensemble > 1`` builds that many copies with different initial weights, wrapped in an
-    :class:`~springfield.models.ensemble.Ensemble`.
+    :class:`~springfield.models.ensemble.Ensemble`. ``precision`` is that of the
+    convolutions' products (:func:`springfield.models.layers.conv_precision`).
     """
     spec = check_image_size(name, image_size)
     check_ensemble(ensemble)
     h, w = image_size
     act, rngs = get_activation(activation), nnx.Rngs(params=seed)
     # One Rngs stream for all members: each draws the next keys, so each starts elsewhere.
-    members = [spec.build(num_classes, (h, w), act, rngs) for _ in range(ensemble)]
+    with conv_precision(precision):
+        members = [spec.build(num_classes, (h, w), act, rngs) for _ in range(ensemble)]
     return members[0] if ensemble == 1 else Ensemble(members)
 
 

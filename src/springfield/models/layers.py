@@ -19,7 +19,10 @@ extra copy made them no faster. ``SPRINGFIELD_CONV=lax`` (read when a model is b
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -122,13 +125,34 @@ def conv_general_dilated(
     return _conv(lhs, rhs, cfg)
 
 
+PRECISIONS = ("float32", "bfloat16")
+_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "conv_precision", default="float32"
+)
+
+
+@contextlib.contextmanager
+def conv_precision(precision: str) -> Iterator[None]:
+    """Models built inside compute their convolutions in ``precision``: ``float32``, or
+    ``bfloat16`` (bfloat16 products, float32 accumulation, float32 weights and activations;
+    oneDNN on CPUs with bfloat16 instructions only, float32 elsewhere)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    token = _PRECISION.set(precision)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
 def conv_impl(materialise: bool = True) -> Any:
     """The convolution function models use: oneDNN's where it can run
     (:mod:`springfield.kernels.onednn`), else XLA's, with the materialised weight gradient
     above when ``materialise``; plain ``lax`` with ``SPRINGFIELD_CONV=lax``."""
     if os.environ.get("SPRINGFIELD_CONV", "") == "lax":
         return lax.conv_general_dilated
-    return onednn.make_conv(conv_general_dilated if materialise else lax.conv_general_dilated)
+    fallback = conv_general_dilated if materialise else lax.conv_general_dilated
+    return onednn.make_conv(fallback, bfloat16=_PRECISION.get() == "bfloat16")
 
 
 def Conv(  # noqa: N802 - a module constructor

@@ -294,6 +294,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
         activation=cfg.activation,
         seed=cfg.seed,
         ensemble=cfg.ensemble,
+        precision=cfg.precision,
     )
     schedule = make_schedule(
         cfg.schedule,
