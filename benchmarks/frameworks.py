@@ -724,7 +724,8 @@ def markdown(results: list[dict], peak: float, args: argparse.Namespace) -> str:
             f"| {_fmt(r.get('springfield_eval_ratio'), '.2f')} |"
         )
     note = (
-        f"\nfloat32, median of {args.repeats} interleaved repeats of ~{args.repeat_seconds:g} s; "
+        "\nfloat32 (but the products of -bf16 rows' convolutions), "
+        f"median of {args.repeats} interleaved repeats of ~{args.repeat_seconds:g} s; "
         f"GEMM peak {peak:.0f} GFLOP/s (best 2048^3 matmul of any framework in this run); "
         "train GFLOP/s = 3 x forward conv+dense FLOPs x img/s; first step includes compilation; "
         f"devices: {', '.join(sorted({str(r.get('device', '?')) for r in results}))}.\n"

@@ -9,11 +9,15 @@ Builds a springfield model, compiles springfield's own step and prints
   trace events show only the hand-off: their cost shows up as the gap between the step time
   and the sum of the listed fusions.
 
-``--conv-layers`` times each convolution of the model alone (forward, input gradient,
-weight gradient) at the shapes the step uses, with ``lax.conv_general_dilated``.
+XLA's cost analysis does not see inside the oneDNN convolutions (FFI calls), so where they
+run its FLOP count covers only the rest of the step.
 
-``--compare-conv`` instead times the step with springfield's convolution layer and with
-plain ``lax.conv_general_dilated`` (``SPRINGFIELD_CONV=lax``) in one process, interleaved.
+``--conv-layers`` times each convolution of the model alone (forward, input gradient,
+weight gradient) at the shapes the step uses, with the convolution the model uses.
+
+``--compare-conv`` instead times the step in one process, interleaved, with each
+convolution path: plain ``lax.conv_general_dilated`` (``SPRINGFIELD_CONV=lax``), XLA with
+springfield's layer (``SPRINGFIELD_ONEDNN=0``), oneDNN, and oneDNN with bfloat16 products.
 
     python benchmarks/profile_step.py --model resnet --batch 64 --top 15
     python benchmarks/profile_step.py --model resnet --batch 64 --compare-conv
@@ -104,7 +108,9 @@ def top_thunks(run, args, steps: int = 3, top: int = 15) -> list[tuple[str, floa
     return [(name, ns / steps / 1e6) for name, ns in total.most_common(top)]
 
 
-def conv_shapes(model_name: str, size: tuple[int, int], batch: int) -> list[dict]:
+def conv_shapes(
+    model_name: str, size: tuple[int, int], batch: int, precision: str = "float32"
+) -> list[dict]:
     """Arguments of every convolution in one forward pass (recorded during tracing)."""
     import jax
     import jax.numpy as jnp
@@ -112,14 +118,14 @@ def conv_shapes(model_name: str, size: tuple[int, int], batch: int) -> list[dict
 
     from springfield.models import build_model
 
-    model = build_model(model_name, 4, image_size=size)
+    model = build_model(model_name, 4, image_size=size, precision=precision)
     seen: list[dict] = []
     for _, module in nnx.iter_graph(model):
         if isinstance(module, nnx.Conv):
             inner = module.conv_general_dilated
 
             def record(lhs, rhs, *args, _inner=inner, **kw):
-                seen.append(dict(x=lhs.shape, w=rhs.shape, args=args, kw=kw))
+                seen.append(dict(x=lhs.shape, w=rhs.shape, args=args, kw=kw, fn=_inner))
                 return _inner(lhs, rhs, *args, **kw)
 
             module.conv_general_dilated = record
@@ -127,20 +133,25 @@ def conv_shapes(model_name: str, size: tuple[int, int], batch: int) -> list[dict
     return seen
 
 
-def time_conv_layers(model_name: str, size: tuple[int, int], batch: int) -> None:
-    """Print fwd / input-gradient / weight-gradient time and GFLOP/s of each convolution."""
+def time_conv_layers(
+    model_name: str, size: tuple[int, int], batch: int, precision: str = "float32"
+) -> None:
+    """Print fwd / input-gradient / weight-gradient time and GFLOP/s of each convolution, run
+    by the convolution function the model uses (oneDNN's where it runs, else XLA's)."""
     import jax
     import jax.numpy as jnp
-    from jax import lax
 
+    from springfield.kernels import onednn
+
+    print(f"convolutions by {onednn.short_status()}, {precision}")
     print("| conv | x | pass | ms | GFLOP/s |\n|---|---|---|---:|---:|")
     total_s = total_flops = 0.0
-    for i, c in enumerate(conv_shapes(model_name, size, batch)):
+    for i, c in enumerate(conv_shapes(model_name, size, batch, precision)):
         x = jnp.ones(c["x"], jnp.float32)
         w = jnp.full(c["w"], 0.01, jnp.float32)
 
         def conv(x, w, c=c):
-            return lax.conv_general_dilated(x, w, *c["args"], **c["kw"])
+            return c["fn"](x, w, *c["args"], **c["kw"])
 
         y = jax.eval_shape(conv, x, w)
         dy = jnp.ones(y.shape, jnp.float32)
@@ -177,7 +188,7 @@ def main() -> None:
     p.add_argument("--mode", choices=("train", "eval"), default="train")
     p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--top", type=int, default=15, help="how many thunks to list")
-    p.add_argument("--compare-conv", action="store_true", help="A/B springfield vs lax convs")
+    p.add_argument("--compare-conv", action="store_true", help="time each convolution path")
     p.add_argument("--conv-layers", action="store_true", help="time each convolution alone")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare-conv")
     args = p.parse_args()
@@ -194,13 +205,21 @@ def main() -> None:
     size = tuple(args.image_size or model_spec(args.model).image_size)
     label = f"{args.model} {size[0]}x{size[1]} batch {args.batch} {args.mode}"
     if args.conv_layers:
-        time_conv_layers(args.model, size, args.batch)
+        time_conv_layers(args.model, size, args.batch, args.precision)
         return
     if args.compare_conv:
         runs = {}
-        for impl in ("lax", "springfield"):
-            os.environ["SPRINGFIELD_CONV"] = impl  # read when the model is built
-            _, step_args, run = build(args.model, size, args.batch, args.mode)
+        paths = {
+            "lax": ({"SPRINGFIELD_CONV": "lax"}, "float32"),
+            "xla (springfield layer)": ({"SPRINGFIELD_ONEDNN": "0"}, "float32"),
+            "onednn": ({}, "float32"),
+            "onednn bfloat16": ({}, "bfloat16"),
+        }
+        for impl, (env, precision) in paths.items():
+            for var in ("SPRINGFIELD_CONV", "SPRINGFIELD_ONEDNN"):  # read when a model is built
+                os.environ.pop(var, None)
+            os.environ.update(env)
+            _, step_args, run = build(args.model, size, args.batch, args.mode, precision)
             runs[impl] = [run, step_args, []]
         for _ in range(args.rounds):
             for r in runs.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +169,20 @@ def test_bfloat16_products_are_close_to_float32_and_really_bfloat16():
     if onednn.bf16_supported():
         names = onednn.implementation((4, 12, 12, 16), (3, 3, 16, 8), (2, 2), bfloat16=True)
         assert all("bf16" in name for name in names.split(" / ")), names
+
+
+def test_bfloat16_leaves_convolutions_of_few_input_channels_in_float32():
+    x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+    w = jax.random.normal(jax.random.key(3), (3, 3, 3, 8))
+    ys = []
+    for bf16 in (False, True):
+        conv = onednn.make_conv(None, bfloat16=bf16)  # type: ignore[arg-type]
+        ys.append(
+            jax.jit(partial(conv, window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC))(
+                x, w
+            )
+        )
+    np.testing.assert_array_equal(ys[0], ys[1])
 
 
 def test_bfloat16_model_trains_like_float32():
