@@ -7,6 +7,9 @@ training is 1.4-1.9x faster on two cores (shared/notes/cpu-baseline.md, docs/per
 YNN keeps its other default types (individual dots and reductions): dropping ``reduce`` as well
 sped some shapes up and slowed others down by as much (docs/performance.md), so it stays.
 
+Since springfield's convolutions run in oneDNN where they can (:mod:`springfield.kernels.onednn`),
+the flag matters where they cannot (several devices, ``SPRINGFIELD_ONEDNN=0``).
+
 An unknown XLA flag or value aborts the process at start-up, so the flag is set only for
 jaxlib versions it was checked on (tests/test_runtime.py checks the installed one).
 ``SPRINGFIELD_XLA_FLAGS=0`` turns it off.
