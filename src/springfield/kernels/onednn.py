@@ -61,8 +61,12 @@ def _dist_file(dist: str, suffix: str) -> Path | None:
     return None
 
 
+def _libdnnl() -> Path | None:
+    return _dist_file("onednn-cpu-gomp", "/libdnnl.so.3")
+
+
 def _build(out: Path) -> None:
-    lib = _dist_file("onednn-cpu-gomp", "/libdnnl.so.3")
+    lib = _libdnnl()
     header = _dist_file("onednn-devel-cpu-gomp", "/oneapi/dnnl/dnnl.hpp")
     if lib is None or header is None:
         raise RuntimeError(
@@ -97,6 +101,8 @@ def _library_path() -> Path:
             key.update(f"{dist}={version(dist)}".encode())
         except PackageNotFoundError:
             key.update(dist.encode())
+    # The library finds libdnnl by its absolute path (rpath): one build per environment.
+    key.update(str(_libdnnl()).encode())
     return cache_root() / "kernels" / f"onednn_conv-{key.hexdigest()[:16]}.so"
 
 
