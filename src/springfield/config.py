@@ -38,7 +38,7 @@ class TrainConfig:
     """Train this many copies of the model side by side (own initial weights, same batches, each on its own loss) and predict with their average. Each copy costs a whole model's time: to keep the time, divide --epochs by it."""
 
     precision: Literal["float32", "bfloat16"] = "float32"
-    """Arithmetic of the convolutions: float32, or bfloat16 (bfloat16 products summed in float32; weights, activations and everything else stay float32), 1.2-1.4x faster training on CPUs with AVX512_BF16 or AMX. Where the CPU or backend lacks them, float32."""
+    """Arithmetic of the convolutions: float32, or bfloat16 (bfloat16 products summed in float32; weights, activations and everything else stay float32), 1.2-1.6x faster training on CPUs with AVX512_BF16 or AMX (docs/performance.md). Where the CPU or backend lacks them, float32."""
 
     activation: str = "relu"
     """Activation: relu, gelu, silu, mish, elu, leaky_relu, ... or module:function for your own."""
