@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import inspect
 import os
 import subprocess
 import tempfile
@@ -46,6 +47,12 @@ _TARGETS = {
 }
 _NAME = "springfield_onednn_conv_"
 _NHWC = ("NHWC", "HWIO", "NHWC")
+_LAX_CONV = inspect.signature(lax.conv_general_dilated)
+# Arguments of lax.conv_general_dilated this path reads; any other must be left at None.
+_OURS = {
+    "lhs", "rhs", "window_strides", "padding", "lhs_dilation", "rhs_dilation",
+    "dimension_numbers", "feature_group_count", "batch_group_count", "precision",
+}  # fmt: skip
 # Fewer input channels than this keep float32 products under --precision bfloat16.
 MIN_BF16_CHANNELS = 8
 
@@ -181,14 +188,14 @@ def _inputs(geom: tuple, *arrays: jax.Array) -> list[jax.Array]:
     return [a.astype(jnp.bfloat16) if geom[2] else a for a in arrays]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(x: jax.Array, w: jax.Array, geom: tuple) -> jax.Array:
-    return _call("forward", _out_shape(x, w, geom), *_inputs(geom, x, w), geom)
-
-
 def _conv_fwd(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
     x_in, w_in = _inputs(geom, x, w)
     return _call("forward", _out_shape(x, w, geom), x_in, w_in, geom), (x_in, w_in)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x: jax.Array, w: jax.Array, geom: tuple) -> jax.Array:
+    return _conv_fwd(x, w, geom)[0]
 
 
 def _conv_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -215,6 +222,7 @@ def _trivial(v: Any) -> bool:
     return v is None or all(d == 1 for d in v)
 
 
+@functools.cache
 def bf16_supported() -> bool:
     """Whether this CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX), without
     which oneDNN's bfloat16 convolutions are slower than float32 ones."""
@@ -241,41 +249,28 @@ def make_conv(
         return fallback
     bfloat16 = bfloat16 and bf16_supported()
 
-    def conv_general_dilated(
-        lhs: jax.Array,
-        rhs: jax.Array,
-        window_strides: Any,
-        padding: Any,
-        lhs_dilation: Any = None,
-        rhs_dilation: Any = None,
-        dimension_numbers: Any = None,
-        feature_group_count: int = 1,
-        precision: Any = None,
-        **kwargs: Any,
-    ) -> jax.Array:
+    def conv_general_dilated(*args: Any, **kwargs: Any) -> jax.Array:
+        call = _LAX_CONV.bind(*args, **kwargs)
+        call.apply_defaults()
+        arg = call.arguments
+        lhs, rhs, padding = arg["lhs"], arg["rhs"], arg["padding"]
         ours = (
-            _dims_are_nhwc(dimension_numbers, lhs.ndim)
+            _dims_are_nhwc(arg["dimension_numbers"], lhs.ndim)
             and lhs.dtype == rhs.dtype == np.float32
-            and feature_group_count == 1
-            and _trivial(lhs_dilation)
-            and _trivial(rhs_dilation)
-            and not any(v is not None for v in kwargs.values())
+            and arg["feature_group_count"] == arg["batch_group_count"] == 1
+            and _trivial(arg["lhs_dilation"])
+            and _trivial(arg["rhs_dilation"])
+            and all(arg[k] is None for k in arg if k not in _OURS)
         )
         if not ours:
-            return fallback(
-                lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                feature_group_count=feature_group_count, precision=precision, **kwargs,
-            )  # fmt: skip
-        strides = tuple(int(s) for s in window_strides)
+            return fallback(*args, **kwargs)
+        strides = tuple(int(s) for s in arg["window_strides"])
         if isinstance(padding, str):
-            pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-        else:
-            pads = padding
+            padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
         # A convolution of few input channels (an image's 3) stays float32: its products are
         # too short for bfloat16 pairs, and it measured 1.4-2.4x slower in bfloat16.
         bf16 = bfloat16 and rhs.shape[2] >= MIN_BF16_CHANNELS
-        geom = (strides, tuple((int(a), int(b)) for a, b in pads), bf16)
+        geom = (strides, tuple((int(lo), int(hi)) for lo, hi in padding), bf16)
         return _conv(lhs, rhs, geom)
 
     return conv_general_dilated

@@ -8,13 +8,12 @@
 // and cached for the life of the process. Scratchpads are user-managed and allocated per
 // call so that two XLA threads may run the same plan at once.
 #include <array>
-#include <functional>
-#include <string>
 #include <cstdint>
-#include <cstdlib>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
