@@ -15,6 +15,10 @@ and real image batch) is trained and evaluated by
 * ``keras-tf`` (TensorFlow graph mode, oneDNN), ``keras-tf-xla`` (``jit_compile=True``) and
   ``keras-jax`` (Keras 3 on the JAX backend, default XLA flags).
 
+springfield's rows (except ``springfield-xla-default``) run with the environment the
+``springfield`` command gives itself (huge pages for malloc, ``springfield.runtime.malloc_env``);
+``--hugepages-all`` gives it to every framework, to show what the setting alone is worth.
+
 Every framework lives in its own worker subprocess (no thread-pool interference, own
 environment variables). All workers start first; then, per configuration, the parent asks
 one worker at a time to build and warm up (compile time is measured alone), and then runs
@@ -580,11 +584,17 @@ def run(args: argparse.Namespace) -> list[dict]:
         cfg = Config(cfg.net, cfg.size, cfg.batch, len(classes))
         configs.append(cfg)
         batches[cfg.key] = path
+    from springfield.runtime import malloc_env
+
     procs: dict[str, Worker] = {}
     for name in names:
         row = ROWS[name]
         if row.proc not in procs:
             env = dict(row.env)
+            # What the springfield command sets up for itself before it starts (huge pages
+            # for XLA's buffers); plain JAX does not. --hugepages-all gives it to everyone.
+            if args.hugepages_all or row.proc in ("springfield", "springfield-xla-conv"):
+                env = {**malloc_env(), **env}
             if row.proc == "torch":
                 # A fresh inductor cache: torch.compile's first step is then a cold compile,
                 # like JAX's (which has no persistent cache here), not a cache hit.
@@ -755,6 +765,11 @@ def main() -> None:
     p.add_argument("--markdown", type=Path, default=None, help="write the table as markdown")
     p.add_argument("--python", default=sys.executable, help="interpreter of the worker processes")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
+    p.add_argument(
+        "--hugepages-all",
+        action="store_true",
+        help="give every framework's worker the huge-page malloc setting springfield uses",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

@@ -108,6 +108,18 @@ def top_thunks(run, args, steps: int = 3, top: int = 15) -> list[tuple[str, floa
     return [(name, ns / steps / 1e6) for name, ns in total.most_common(top)]
 
 
+def custom_call_names(hlo: str) -> dict[str, str]:
+    """``ffi_call.N`` -> ``ffi_call.N: <kernel> <first operand's shape>`` from compiled HLO."""
+    import re
+
+    names = {}
+    pattern = r"%(ffi_call[.\d]*) = .*?custom_call\((\S+?)[ ,)].*?custom_call_target=\"(\w+)\""
+    for m in re.finditer(pattern, hlo):
+        target = m.group(3).removeprefix("springfield_onednn_conv_")
+        names[m.group(1)] = f"{m.group(1)}: {target}"
+    return names
+
+
 def conv_shapes(
     model_name: str, size: tuple[int, int], batch: int, precision: str = "float32"
 ) -> list[dict]:
@@ -231,7 +243,8 @@ def main() -> None:
         return
     step, step_args, run = build(args.model, size, args.batch, args.mode, args.precision)
     # The eval step picks its compiler options by batch size, so it has no single .lower().
-    cost = step.lower(*step_args).compile().cost_analysis() if hasattr(step, "lower") else {}
+    compiled = step.lower(*step_args).compile() if hasattr(step, "lower") else None
+    cost = compiled.cost_analysis() if compiled is not None else {}
     cost = cost[0] if isinstance(cost, list) else cost
     flops, nbytes = cost.get("flops", float("nan")), cost.get("bytes accessed", float("nan"))
     seconds, step_args = time_step(run, step_args)
@@ -242,8 +255,9 @@ def main() -> None:
     )
     if args.top:
         print("\n| thunk | ms/step |\n|---|---:|")
+        names = custom_call_names(compiled.as_text()) if compiled is not None else {}
         for name, ms in top_thunks(run, step_args, top=args.top):
-            print(f"| {name} | {ms:.2f} |")
+            print(f"| {names.get(name, name)} | {ms:.2f} |")
 
 
 if __name__ == "__main__":

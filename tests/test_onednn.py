@@ -200,3 +200,98 @@ def test_bfloat16_model_trains_like_float32():
             opt.update(model, grads)
         losses[precision] = float(loss)
     assert abs(losses["float32"] - losses["bfloat16"]) < 0.02 * abs(losses["float32"])
+
+
+def _reference_block(x, w, b):
+    y = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC) + b
+    return nnx.avg_pool(jax.nn.relu(y), (2, 2), strides=(2, 2))
+
+
+@pytest.mark.parametrize(
+    "x_shape, out_channels",
+    [((4, 16, 16, 3), 32), ((2, 15, 9, 16), 8), ((3, 8, 6, 32), 64), ((1, 7, 7, 8), 8)],
+)
+def test_fused_conv_relu_pool_matches_the_separate_layers(x_shape, out_channels):
+    # Odd heights and widths: the row and column the pooling drops must get no gradient.
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(4), 4)
+    x = jax.random.normal(k1, x_shape)
+    w = jax.random.normal(k2, (3, 3, x_shape[-1], out_channels)) * 0.3
+    b = jax.random.normal(k3, (out_channels,)) * 0.3
+    ref = _reference_block(x, w, b)
+    fused = jax.jit(onednn.conv_relu_pool)(x, w, b)
+    if not onednn.available():
+        assert onednn.conv_relu_pool(x, w, b) is None
+        return
+    np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-5)
+    probe = jax.random.normal(k4, ref.shape)
+
+    def loss(block, x, w, b):
+        return jnp.sum(block(x, w, b) * probe)
+
+    grads = jax.jit(jax.grad(partial(loss, onednn.conv_relu_pool), argnums=(0, 1, 2)))(x, w, b)
+    want = jax.grad(partial(loss, _reference_block), argnums=(0, 1, 2))(x, w, b)
+    for g, r in zip(grads, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_block_in_bfloat16_matches_the_separate_bfloat16_layers():
+    # Against float32, ReLU's mask flips wherever bfloat16 moves a sum across zero, so the
+    # fair reference is the unfused bfloat16 path (the same products); and the result must
+    # differ from float32's (else the bfloat16 path silently ran float32).
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(5), 4)
+    x = jax.random.normal(k1, (4, 12, 12, 16))
+    w = jax.random.normal(k2, (3, 3, 16, 32)) * 0.2
+    b = jax.random.normal(k3, (32,)) * 0.2
+    probe = jax.random.normal(k4, (4, 6, 6, 32))
+    if not onednn.available():
+        assert onednn.conv_relu_pool(x, w, b, bfloat16=True) is None
+        return
+    conv = onednn.make_conv(None, bfloat16=True)  # type: ignore[arg-type]
+
+    def separate(x, w, b):
+        y = conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC) + b
+        return nnx.avg_pool(jax.nn.relu(y), (2, 2), strides=(2, 2))
+
+    out = {}
+    for name, block in {
+        "fused": partial(onednn.conv_relu_pool, bfloat16=True),
+        "separate": separate,
+        "float32": onednn.conv_relu_pool,
+    }.items():
+
+        def loss(x, w, b, block=block):
+            y = block(x, w, b)
+            return jnp.sum(y * probe), y
+
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, b)
+        out[name] = (y, *grads)
+    for a, c in zip(out["fused"], out["separate"], strict=True):
+        # The bias gradient sums bfloat16 output gradients here, float32 ones there.
+        np.testing.assert_allclose(a, c, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(c))))
+    assert float(jnp.max(jnp.abs(out["fused"][0] - out["float32"][0]))) > 0 or (
+        not onednn.bf16_supported()
+    )
+
+
+def test_models_use_the_fused_block_only_for_relu_and_train_the_same(monkeypatch):
+    # refcnn and seed run conv -> ReLU -> pool as one oneDNN block; their gradients equal
+    # the separate layers'; with another activation the block is not used.
+    x = jax.random.normal(jax.random.key(6), (2, 32, 32, 3))
+    grads = {}
+    for fuse in ("1", "0"):
+        monkeypatch.setenv("SPRINGFIELD_FUSE_BLOCKS", fuse)
+        model = build_model("refcnn", 3, image_size=(32, 32))
+        loss = lambda m: jnp.sum(m(x) ** 2)  # noqa: E731
+        hlo = nnx.jit(nnx.grad(loss)).lower(model).as_text()
+        assert ("block_forward" in hlo) == (fuse == "1" and onednn.available())
+        grads[fuse] = nnx.grad(loss)(model)
+    for a, b in zip(jax.tree.leaves(grads["1"]), jax.tree.leaves(grads["0"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    monkeypatch.delenv("SPRINGFIELD_FUSE_BLOCKS")
+    gelu = build_model("refcnn", 3, image_size=(32, 32), activation="gelu")
+    assert "block_forward" not in nnx.jit(nnx.grad(lambda m: jnp.sum(m(x)))).lower(gelu).as_text()
+    # Evaluation (no gradient) runs the block without keeping ReLU's mask.
+    seed = build_model("seed", 3, image_size=(64, 48))
+    hlo = nnx.jit(lambda m, x: m(x)).lower(seed, jnp.zeros((2, 64, 48, 3))).as_text()
+    assert ("block_infer" in hlo) == onednn.available()
+    assert "block_forward" not in hlo

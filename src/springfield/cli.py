@@ -22,7 +22,7 @@ from rich.table import Column, Table
 
 from springfield.errors import Interrupted, SpringfieldError
 from springfield.paths import printable
-from springfield.runtime import setup_runtime
+from springfield.runtime import reexec_with_malloc_env, setup_runtime
 
 USAGE = """usage: springfield {train,eval,predict,report} [--help]
 
@@ -280,6 +280,9 @@ COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "report": _repo
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``springfield`` console script."""
+    if argv is None:
+        # Only as the command itself: a caller's process is not ours to replace.
+        reexec_with_malloc_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console(stderr=False)
     if not argv or argv[0] in ("-h", "--help"):

@@ -13,13 +13,24 @@ the flag matters where they cannot (several devices, ``SPRINGFIELD_ONEDNN=0``).
 An unknown XLA flag or value aborts the process at start-up, so the flag is set only for
 jaxlib versions it was checked on (tests/test_runtime.py checks the installed one).
 ``SPRINGFIELD_XLA_FLAGS=0`` turns it off.
+
+Memory: XLA:CPU allocates its large buffers with ``malloc``, which maps fresh pages for each
+one, every step; touching them costs a page fault per 4 KiB, several milliseconds per step
+for the activations of a small CNN. Where the kernel hands out transparent huge pages only
+on request (``madvise``, the default of Debian and Ubuntu), glibc asks for them when the
+tunable ``glibc.malloc.hugetlb=1`` is set, which must happen before the process starts: the
+``springfield`` command re-executes itself once with it (:func:`malloc_env`), which trained
+the reference CNN 1.2x faster (docs/performance.md). ``SPRINGFIELD_HUGEPAGES=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import sys
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 # jaxlib versions on which CPU_CONV_FLAG was checked to be accepted and faster.
@@ -53,6 +64,45 @@ def eval_compiler_options(batch_size: int) -> dict[str, str]:
     if batch_size > SMALL_EVAL_BATCH or not xla_flags_wanted():
         return {}
     return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def malloc_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment variables to add so that glibc's malloc backs large buffers with
+    transparent huge pages; empty where that is off (``SPRINGFIELD_HUGEPAGES=0``), already
+    set, not glibc on Linux, or pointless (the kernel gives huge pages always, or never)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SPRINGFIELD_HUGEPAGES", "1") == "0" or not sys.platform.startswith("linux"):
+        return {}
+    if platform.libc_ver()[0] != "glibc":
+        return {}
+    current = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in current:
+        return {}
+    try:
+        if "[madvise]" not in THP_SETTING.read_text():
+            return {}
+    except OSError:
+        return {}
+    return {"GLIBC_TUNABLES": ":".join(t for t in (current, HUGEPAGE_TUNABLE) if t)}
+
+
+def reexec_with_malloc_env() -> None:
+    """Replace this process by the same command with :func:`malloc_env` set (once); returns
+    only if there is nothing to set or the re-execution failed."""
+    extra = malloc_env()
+    if not extra or os.environ.get("_SPRINGFIELD_REEXEC"):
+        return
+    env = {**os.environ, **extra, "_SPRINGFIELD_REEXEC": "1"}
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:
+        return
 
 
 def setup_runtime() -> None:

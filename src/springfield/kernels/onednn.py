@@ -44,6 +44,9 @@ _TARGETS = {
     "forward": "SpringfieldConvForward",
     "input_grad": "SpringfieldConvBackwardData",
     "weight_grad": "SpringfieldConvBackwardWeights",
+    "block_forward": "SpringfieldConvBlockForward",
+    "block_infer": "SpringfieldConvBlockInfer",
+    "block_backward": "SpringfieldConvBlockBackward",
 }
 _NAME = "springfield_onednn_conv_"
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -86,7 +89,8 @@ def _build(out: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
         tmp_path = Path(tmp.name)
     cmd = [
-        os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+        os.environ.get("CXX", "g++"), "-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
+        "-w",
         f"-I{ffi_include}", f"-I{include}", str(SOURCE), str(lib),
         f"-Wl,-rpath,{lib.parent}", "-o", str(tmp_path),
     ]  # fmt: skip
@@ -166,13 +170,14 @@ def _attrs(strides: tuple[int, int], pads: tuple) -> dict[str, np.int64]:
     }
 
 
-def _call(target: str, shape: tuple, a: jax.Array, b: jax.Array, geom: tuple) -> jax.Array:
+def _call(target: str, out: Any, *args: jax.Array, geom: tuple) -> Any:
     strides, pads, _ = geom
-    # Results are always float32 (oneDNN accumulates in float32 whatever the inputs).
-    out = jax.ShapeDtypeStruct(shape, np.float32)
+    if isinstance(out, tuple) and isinstance(out[0], int):
+        # A shape: results are float32 (oneDNN accumulates in float32 whatever the inputs).
+        out = jax.ShapeDtypeStruct(out, np.float32)
     # vmap (ensembles) loops over the mapped axis: the kernels take fixed-rank arrays.
     fn = jax.ffi.ffi_call(_NAME + target, out, vmap_method="sequential")
-    return fn(a, b, **_attrs(strides, pads))
+    return fn(*args, **_attrs(strides, pads))
 
 
 def _out_shape(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[int, int, int, int]:
@@ -190,7 +195,7 @@ def _inputs(geom: tuple, *arrays: jax.Array) -> list[jax.Array]:
 
 def _conv_fwd(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
     x_in, w_in = _inputs(geom, x, w)
-    return _call("forward", _out_shape(x, w, geom), x_in, w_in, geom), (x_in, w_in)
+    return _call("forward", _out_shape(x, w, geom), x_in, w_in, geom=geom), (x_in, w_in)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -201,12 +206,81 @@ def _conv(x: jax.Array, w: jax.Array, geom: tuple) -> jax.Array:
 def _conv_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     x_in, w_in = res
     (dy_in,) = _inputs(geom, dy)
-    dx = _call("input_grad", x_in.shape, dy_in, w_in, geom)
-    dw = _call("weight_grad", w_in.shape, x_in, dy_in, geom)
+    dx = _call("input_grad", x_in.shape, dy_in, w_in, geom=geom)
+    dw = _call("weight_grad", w_in.shape, x_in, dy_in, geom=geom)
     return dx, dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _pooled_shape(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[int, int, int, int]:
+    n, oh, ow, o = _out_shape(x, w, geom)
+    return n, oh // 2, ow // 2, o
+
+
+def _block_fwd(x: jax.Array, w: jax.Array, b: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
+    x_in, w_in = _inputs(geom, x, w)
+    out = (
+        jax.ShapeDtypeStruct(_pooled_shape(x, w, geom), np.float32),
+        jax.ShapeDtypeStruct(_out_shape(x, w, geom), np.uint8),
+    )
+    y, mask = _call("block_forward", out, x_in, w_in, b, geom=geom)
+    return y, (x_in, w_in, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _block(x: jax.Array, w: jax.Array, b: jax.Array, geom: tuple) -> jax.Array:
+    # Not differentiated (evaluation): no mask to keep.
+    x_in, w_in = _inputs(geom, x, w)
+    return _call("block_infer", _pooled_shape(x, w, geom), x_in, w_in, b, geom=geom)
+
+
+def _block_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, ...]:
+    x_in, w_in, mask = res
+    out = (
+        jax.ShapeDtypeStruct(mask.shape, x_in.dtype),
+        jax.ShapeDtypeStruct(w_in.shape, np.float32),
+        jax.ShapeDtypeStruct(w_in.shape[-1:], np.float32),
+    )
+    dz, dw, db = _call("block_backward", out, x_in, dy, mask, geom=geom)
+    # A separate call so that XLA drops it where nobody wants the input's gradient (the
+    # first block, whose input is the image).
+    dx = _call("input_grad", x_in.shape, dz, w_in, geom=geom)
+    return dx, dw, db
+
+
+_block.defvjp(_block_fwd, _block_bwd)
+
+
+def conv_relu_pool(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    padding: str | Any = "SAME",
+    bfloat16: bool = False,
+) -> jax.Array | None:
+    """``avg_pool(relu(conv(x, w) + b), 2x2, stride 2)`` in two oneDNN calls (forward and
+    backward, plus the input gradient's convolution), or ``None`` where that cannot run here:
+    oneDNN not :func:`available`, not float32 NHWC/HWIO, or an output smaller than 2x2.
+    Stride 1; ``padding`` as :func:`jax.lax.conv_general_dilated` takes it; ``bfloat16`` as
+    in :func:`make_conv`. Same maths as the unfused layers, up to summation order."""
+    if not available() or x.ndim != 4 or w.ndim != 4 or b.ndim != 1:
+        return None
+    if not (x.dtype == w.dtype == b.dtype == np.float32) or w.shape[2] != x.shape[3]:
+        return None
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID"):
+            return None
+        padding = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], (1, 1), padding)
+    if not (isinstance(padding, tuple | list) and all(len(p) == 2 for p in padding)):
+        return None
+    bf16 = bfloat16 and bf16_supported() and w.shape[2] >= MIN_BF16_CHANNELS
+    geom = ((1, 1), tuple((int(lo), int(hi)) for lo, hi in padding), bf16)
+    _, oh, ow, _ = _out_shape(x, w, geom)
+    if oh < 2 or ow < 2:
+        return None
+    return _block(x, w, b, geom)
 
 
 def _dims_are_nhwc(dimension_numbers: Any, ndim: int) -> bool:
@@ -273,6 +347,8 @@ def make_conv(
         geom = (strides, tuple((int(lo), int(hi)) for lo, hi in padding), bf16)
         return _conv(lhs, rhs, geom)
 
+    # Read by layers.conv_act_pool: this convolution runs on oneDNN, in bfloat16 or not.
+    conv_general_dilated.onednn_bfloat16 = bfloat16  # type: ignore[attr-defined]
     return conv_general_dilated
 
 

@@ -8,6 +8,7 @@
 // and cached for the life of the process. Scratchpads are user-managed and allocated per
 // call so that two XLA threads may run the same plan at once.
 #include <array>
+#include <cstring>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -15,6 +16,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -186,6 +188,235 @@ ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
   });
 }
 
+
+// ---- conv + bias + ReLU + 2x2 average pool, as one block ----------------------------------
+//
+// The reference CNN and `seed` are stacks of conv -> bias -> ReLU -> avg-pool 2x2. Run by XLA
+// around a oneDNN convolution, the bias, ReLU, pool and their gradients are six passes over
+// the convolution's full-size output (and two thread pools taking turns on two cores). Here
+// oneDNN adds the bias and applies ReLU as it writes the convolution's output (a post-op),
+// one pass pools it and keeps a byte per element saying where ReLU let the gradient through,
+// and on the way back one pass turns the pooled gradient into the convolution's output
+// gradient, whose bias gradient oneDNN sums while it computes the weight gradient.
+
+struct BlockPlan {
+  memory::desc src, wei_user, dz, bias, conv_out;
+  dnnl::convolution_forward::primitive_desc fwd_pd;
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights_pd;
+  dnnl::primitive fwd, bwd_weights;
+};
+
+std::shared_ptr<BlockPlan> MakeBlockPlan(const Key& k) {
+  auto [n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, bf16] = k;
+  const dt in = bf16 ? dt::bf16 : dt::f32;
+  auto plan = std::make_shared<BlockPlan>();
+  auto& eng = Engine();
+  plan->src = memory::desc({n, c, h, w}, in, tag::nhwc);
+  plan->wei_user = memory::desc({o, c, kh, kw}, in, tag::hwio);
+  plan->dz = memory::desc({n, o, oh, ow}, in, tag::nhwc);
+  plan->conv_out = memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc);
+  plan->bias = memory::desc({o}, dt::f32, tag::x);
+  memory::desc wei_any({o, c, kh, kw}, in, tag::any);
+  memory::desc diff_wei_any({o, c, kh, kw}, dt::f32, tag::any);
+  memory::dims strides{sh, sw}, pad_l{pt, pl}, pad_r{pb, pr};
+  dnnl::post_ops relu;
+  relu.append_eltwise(algorithm::eltwise_relu, 0.f, 0.f);
+  dnnl::primitive_attr fwd_attr, attr;
+  fwd_attr.set_post_ops(relu);
+  fwd_attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  plan->fwd_pd = dnnl::convolution_forward::primitive_desc(
+      eng, prop_kind::forward_training, algorithm::convolution_direct, plan->src, wei_any,
+      plan->bias, plan->conv_out, strides, pad_l, pad_r, fwd_attr);
+  plan->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+      eng, algorithm::convolution_direct, plan->src, diff_wei_any, plan->bias, plan->dz,
+      strides, pad_l, pad_r, plan->fwd_pd, attr);
+  plan->fwd = dnnl::convolution_forward(plan->fwd_pd);
+  plan->bwd_weights = dnnl::convolution_backward_weights(plan->bwd_weights_pd);
+  return plan;
+}
+
+std::shared_ptr<BlockPlan> GetBlockPlan(const Key& k) {
+  static std::mutex mu;
+  static std::map<Key, std::shared_ptr<BlockPlan>> plans;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = plans.find(k);
+  if (it != plans.end()) return it->second;
+  auto plan = MakeBlockPlan(k);
+  plans.emplace(k, plan);
+  return plan;
+}
+
+// The convolution's output before pooling. Kept per thread and reused: a fresh buffer each
+// call would page-fault its way through hundreds of MB at 128 px.
+float* ConvOutScratch(size_t count) {
+  static thread_local std::vector<float> buf;
+  if (buf.size() < count) buf.resize(count);
+  return buf.data();
+}
+
+Key BlockKey(ffi::Span<const int64_t> x, ffi::Span<const int64_t> wt, int64_t sh,
+             int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, ffi::DataType in) {
+  const int64_t oh = (x[1] + pt + pb - wt[0]) / sh + 1;
+  const int64_t ow = (x[2] + pl + pr - wt[1]) / sw + 1;
+  return Key{x[0], x[1], x[2], x[3], wt[0], wt[1], wt[3], oh,
+             ow,   sh,   sw,   pt,   pb,    pl,    pr,    in == ffi::DataType::BF16};
+}
+
+// y[n, i, j, c] = mean of r over the 2x2 window at (2i, 2j); mask[...] = r > 0 everywhere
+// (rows and columns the floor division leaves out get no gradient anyway).
+void PoolAndMask(const float* r, float* y, uint8_t* mask, int64_t n, int64_t oh, int64_t ow,
+                 int64_t c) {
+  const int64_t ph = oh / 2, pw = ow / 2;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t i = 0; i < oh; ++i) {
+      const float* row = r + (b * oh + i) * ow * c;
+      if (mask != nullptr) {
+        uint8_t* m = mask + (b * oh + i) * ow * c;
+#pragma omp simd
+        for (int64_t e = 0; e < ow * c; ++e) m[e] = row[e] > 0.f;
+      }
+      if (i % 2 == 1 || i / 2 >= ph) continue;
+      const float* next = row + ow * c;
+      float* out = y + (b * ph + i / 2) * pw * c;
+      for (int64_t j = 0; j < pw; ++j) {
+        const float* a = row + 2 * j * c;
+        const float* d = next + 2 * j * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch)
+          out[j * c + ch] = 0.25f * (a[ch] + a[c + ch] + d[ch] + d[c + ch]);
+      }
+    }
+  }
+}
+
+inline uint16_t ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even (gradients are finite)
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// dz[n, i, j, c] = dy[n, i/2, j/2, c] / 4 where mask, else 0.
+template <typename T, typename Convert>
+void Unpool(const float* dy, const uint8_t* mask, T* dz, int64_t n, int64_t oh, int64_t ow,
+            int64_t c, Convert convert) {
+  const int64_t ph = oh / 2, pw = ow / 2;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t i = 0; i < oh; ++i) {
+      const uint8_t* m = mask + (b * oh + i) * ow * c;
+      T* out = dz + (b * oh + i) * ow * c;
+      if (i / 2 >= ph) {
+        for (int64_t e = 0; e < ow * c; ++e) out[e] = convert(0.f);
+        continue;
+      }
+      const float* g = dy + (b * ph + i / 2) * pw * c;
+      for (int64_t j = 0; j < ow; ++j) {
+        const int64_t e0 = j * c;
+        if (j / 2 >= pw) {
+          for (int64_t ch = 0; ch < c; ++ch) out[e0 + ch] = convert(0.f);
+          continue;
+        }
+        const float* gj = g + (j / 2) * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) {
+          // A select by bit mask, not a branch: the mask is as random as the activations.
+          float v = 0.25f * gj[ch];
+          uint32_t u;
+          std::memcpy(&u, &v, 4);
+          u &= 0u - static_cast<uint32_t>(m[e0 + ch]);
+          std::memcpy(&v, &u, 4);
+          out[e0 + ch] = convert(v);
+        }
+      }
+    }
+  }
+}
+
+void BlockForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, float* y,
+                      uint8_t* mask, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                      int64_t pl, int64_t pr) {
+  const Key k = BlockKey(x.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr,
+                         x.element_type());
+  auto p = GetBlockPlan(k);
+  const int64_t n = k[0], o = k[6], oh = k[7], ow = k[8];
+  float* r = ConvOutScratch(static_cast<size_t>(n * oh * ow * o));
+  memory src(p->src, Engine(), x.untyped_data());
+  memory bias(p->bias, Engine(), b.typed_data());
+  memory dst(p->conv_out, Engine(), r);
+  memory user(p->wei_user, Engine(), w.untyped_data());
+  memory wei = user;
+  if (!(p->fwd_pd.weights_desc() == p->wei_user)) {
+    wei = memory(p->fwd_pd.weights_desc(), Engine());
+    dnnl::stream stream(Engine());
+    dnnl::reorder(user, wei).execute(stream, user, wei);
+    stream.wait();
+  }
+  Run(p->fwd, p->fwd_pd.scratchpad_desc(),
+      {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_BIAS, bias},
+       {DNNL_ARG_DST, dst}});
+  PoolAndMask(r, y, mask, n, oh, ow, o);
+}
+
+ffi::Error BlockForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b,
+                        ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::U8> mask,
+                        int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                        int64_t pr) {
+  if (!Supported(x.element_type(), w.element_type())) return Unsupported();
+  return Guard([&] {
+    BlockForwardImpl(x, w, b, y->typed_data(), mask->typed_data(), sh, sw, pt, pb, pl, pr);
+  });
+}
+
+ffi::Error BlockInfer(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                      int64_t pb, int64_t pl, int64_t pr) {
+  if (!Supported(x.element_type(), w.element_type())) return Unsupported();
+  return Guard([&] {
+    BlockForwardImpl(x, w, b, y->typed_data(), nullptr, sh, sw, pt, pb, pl, pr);
+  });
+}
+
+// From the pooled output's gradient: the convolution output's gradient dz (in the inputs'
+// type, for the input-gradient convolution that follows), the weight and bias gradients.
+ffi::Error BlockBackward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy,
+                         ffi::Buffer<ffi::U8> mask, ffi::Result<ffi::AnyBuffer> dz,
+                         ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db,
+                         int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                         int64_t pr) {
+  if (!Supported(x.element_type(), dz->element_type())) return Unsupported();
+  return Guard([&] {
+    const Key k = BlockKey(x.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr,
+                           x.element_type());
+    auto p = GetBlockPlan(k);
+    const int64_t n = k[0], o = k[6], oh = k[7], ow = k[8];
+    if (k[15]) {
+      Unpool(dy.typed_data(), mask.typed_data(),
+             static_cast<uint16_t*>(dz->untyped_data()), n, oh, ow, o, ToBf16);
+    } else {
+      Unpool(dy.typed_data(), mask.typed_data(), static_cast<float*>(dz->untyped_data()),
+             n, oh, ow, o, [](float v) { return v; });
+    }
+    memory src(p->src, Engine(), x.untyped_data());
+    memory diff_dst(p->dz, Engine(), dz->untyped_data());
+    memory diff_bias(p->bias, Engine(), db->typed_data());
+    const memory::desc wei_f32({o, k[3], k[4], k[5]}, dt::f32, tag::hwio);
+    memory user(wei_f32, Engine(), dw->typed_data());
+    const auto want = p->bwd_weights_pd.diff_weights_desc();
+    memory diff_wei = want == wei_f32 ? user : memory(want, Engine());
+    Run(p->bwd_weights, p->bwd_weights_pd.scratchpad_desc(),
+        {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
+         {DNNL_ARG_DIFF_WEIGHTS, diff_wei}, {DNNL_ARG_DIFF_BIAS, diff_bias}});
+    if (!(want == wei_f32)) {
+      dnnl::stream stream(Engine());
+      dnnl::reorder(diff_wei, user).execute(stream, diff_wei, user);
+      stream.wait();
+    }
+  });
+}
+
 }  // namespace
 
 #define SPRINGFIELD_CONV_ATTRS                                              \
@@ -208,6 +439,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBackwardWeights, ConvBackwardWeight
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() SPRINGFIELD_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBlockForward, BlockForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>() SPRINGFIELD_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBlockInfer, BlockInfer,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() SPRINGFIELD_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBlockBackward, BlockBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() SPRINGFIELD_CONV_ATTRS);
 
 // Which implementation oneDNN picked for each pass of a geometry: for benchmarks.

@@ -155,6 +155,37 @@ def conv_impl(materialise: bool = True) -> Any:
     return onednn.make_conv(fallback, bfloat16=_PRECISION.get() == "bfloat16")
 
 
+def conv_act_pool(conv: nnx.Conv, act: Any, x: jax.Array) -> jax.Array:
+    """``avg_pool(act(conv(x)), 2x2, stride 2)``, the block of ``refcnn`` and ``seed``.
+
+    Where ``conv`` runs on oneDNN (built by :func:`Conv` with oneDNN available), ``act`` is
+    ReLU and the convolution is a plain biased stride-1 one, the whole block runs as one
+    oneDNN call each way (:func:`springfield.kernels.onednn.conv_relu_pool`): XLA would
+    otherwise make six passes over the convolution's full-size output for the bias, ReLU,
+    pooling and their gradients. ``SPRINGFIELD_FUSE_BLOCKS=0`` keeps the separate layers."""
+    bf16 = getattr(conv.conv_general_dilated, "onednn_bfloat16", None)
+    plain = (
+        bf16 is not None
+        and act is jax.nn.relu
+        and conv.bias is not None
+        and conv.mask is None
+        and _trivial(conv.strides)
+        and _trivial(conv.input_dilation)
+        and _trivial(conv.kernel_dilation)
+        and conv.feature_group_count == 1
+        and os.environ.get("SPRINGFIELD_FUSE_BLOCKS", "1") != "0"
+    )
+    if plain:
+        y = onednn.conv_relu_pool(x, conv.kernel[...], conv.bias[...], conv.padding, bfloat16=bf16)
+        if y is not None:
+            return y
+    return nnx.avg_pool(act(conv(x)), (2, 2), strides=(2, 2))
+
+
+def _trivial(v: Any) -> bool:
+    return v is None or all(d == 1 for d in ((v,) if isinstance(v, int) else v))
+
+
 def Conv(  # noqa: N802 - a module constructor
     in_features: int,
     out_features: int,

@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from springfield.models.activations import Activation
-from springfield.models.layers import Conv
+from springfield.models.layers import Conv, conv_act_pool
 
 CHANNELS = (32, 64, 128)
 
@@ -44,6 +44,6 @@ class RefCNN(nnx.Module):
         self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
     ) -> jax.Array:
         for conv in self.convs:
-            x = nnx.avg_pool(self.act(conv(x)), (2, 2), strides=(2, 2))
+            x = conv_act_pool(conv, self.act, x)
         x = x.reshape(x.shape[0], -1)
         return self.head(self.act(self.fc(x)))
