@@ -109,14 +109,14 @@ def top_thunks(run, args, steps: int = 3, top: int = 15) -> list[tuple[str, floa
 
 
 def custom_call_names(hlo: str) -> dict[str, str]:
-    """``ffi_call.N`` -> ``ffi_call.N: <kernel> <first operand's shape>`` from compiled HLO."""
+    """``ffi_call.N`` -> ``ffi_call.N: <kernel> -> <first result's shape>`` from compiled HLO."""
     import re
 
     names = {}
-    pattern = r"%(ffi_call[.\d]*) = .*?custom_call\((\S+?)[ ,)].*?custom_call_target=\"(\w+)\""
+    pattern = r"%(ffi_call[.\d]*) = (\S+) .*?custom_call_target=\"(\w+)\""
     for m in re.finditer(pattern, hlo):
         target = m.group(3).removeprefix("springfield_onednn_conv_")
-        names[m.group(1)] = f"{m.group(1)}: {target}"
+        names[m.group(1)] = f"{m.group(1)}: {target} -> {m.group(2).split('{')[0].strip('(')}"
     return names
 
 

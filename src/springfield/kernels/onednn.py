@@ -47,6 +47,7 @@ _TARGETS = {
     "block_forward": "SpringfieldConvBlockForward",
     "block_infer": "SpringfieldConvBlockInfer",
     "block_backward": "SpringfieldConvBlockBackward",
+    "block_weight_grad": "SpringfieldConvBlockBackwardWeights",
 }
 _NAME = "springfield_onednn_conv_"
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -159,6 +160,7 @@ def available() -> bool:
 
 
 def _attrs(strides: tuple[int, int], pads: tuple) -> dict[str, np.int64]:
+    # geom = (strides, pads, bfloat16[, input_grad]): only the first two are attributes.
     (pt, pb), (pl, pr) = pads
     return {
         "stride_h": np.int64(strides[0]),
@@ -171,7 +173,7 @@ def _attrs(strides: tuple[int, int], pads: tuple) -> dict[str, np.int64]:
 
 
 def _call(target: str, out: Any, *args: jax.Array, geom: tuple) -> Any:
-    strides, pads, _ = geom
+    strides, pads = geom[:2]
     if isinstance(out, tuple) and isinstance(out[0], int):
         # A shape: results are float32 (oneDNN accumulates in float32 whatever the inputs).
         out = jax.ShapeDtypeStruct(out, np.float32)
@@ -181,7 +183,7 @@ def _call(target: str, out: Any, *args: jax.Array, geom: tuple) -> Any:
 
 
 def _out_shape(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[int, int, int, int]:
-    (sh, sw), ((pt, pb), (pl, pr)), _ = geom
+    (sh, sw), ((pt, pb), (pl, pr)) = geom[:2]
     n, h, wd, _ = x.shape
     kh, kw, _, o = w.shape
     return n, (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1, o
@@ -238,6 +240,14 @@ def _block(x: jax.Array, w: jax.Array, b: jax.Array, geom: tuple) -> jax.Array:
 
 def _block_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, ...]:
     x_in, w_in, mask = res
+    if not geom[3]:
+        # No input gradient (see conv_relu_pool): the weights' one pass, chunked in cache.
+        out = (
+            jax.ShapeDtypeStruct(w_in.shape, np.float32),
+            jax.ShapeDtypeStruct(w_in.shape[-1:], np.float32),
+        )
+        dw, db = _call("block_weight_grad", out, x_in, dy, mask, geom=geom)
+        return jnp.zeros(x_in.shape, np.float32), dw, db
     out = (
         jax.ShapeDtypeStruct(mask.shape, x_in.dtype),
         jax.ShapeDtypeStruct(w_in.shape, np.float32),
@@ -259,12 +269,16 @@ def conv_relu_pool(
     b: jax.Array,
     padding: str | Any = "SAME",
     bfloat16: bool = False,
+    input_grad: bool = True,
 ) -> jax.Array | None:
     """``avg_pool(relu(conv(x, w) + b), 2x2, stride 2)`` in two oneDNN calls (forward and
     backward, plus the input gradient's convolution), or ``None`` where that cannot run here:
     oneDNN not :func:`available`, not float32 NHWC/HWIO, or an output smaller than 2x2.
     Stride 1; ``padding`` as :func:`jax.lax.conv_general_dilated` takes it; ``bfloat16`` as
-    in :func:`make_conv`. Same maths as the unfused layers, up to summation order."""
+    in :func:`make_conv`. Same maths as the unfused layers, up to summation order.
+    ``input_grad=False`` treats ``x`` as a constant (its gradient is zero, as under
+    :func:`jax.lax.stop_gradient`), for a network's first block, whose input is the image:
+    the backward pass then never writes the convolution output's gradient to memory."""
     if not available() or x.ndim != 4 or w.ndim != 4 or b.ndim != 1:
         return None
     if not (x.dtype == w.dtype == b.dtype == np.float32) or w.shape[2] != x.shape[3]:
@@ -276,7 +290,7 @@ def conv_relu_pool(
     if not (isinstance(padding, tuple | list) and all(len(p) == 2 for p in padding)):
         return None
     bf16 = bfloat16 and bf16_supported() and w.shape[2] >= MIN_BF16_CHANNELS
-    geom = ((1, 1), tuple((int(lo), int(hi)) for lo, hi in padding), bf16)
+    geom = ((1, 1), tuple((int(lo), int(hi)) for lo, hi in padding), bf16, input_grad)
     _, oh, ow, _ = _out_shape(x, w, geom)
     if oh < 2 or ow < 2:
         return None

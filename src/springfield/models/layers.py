@@ -155,14 +155,16 @@ def conv_impl(materialise: bool = True) -> Any:
     return onednn.make_conv(fallback, bfloat16=_PRECISION.get() == "bfloat16")
 
 
-def conv_act_pool(conv: nnx.Conv, act: Any, x: jax.Array) -> jax.Array:
+def conv_act_pool(conv: nnx.Conv, act: Any, x: jax.Array, input_grad: bool = True) -> jax.Array:
     """``avg_pool(act(conv(x)), 2x2, stride 2)``, the block of ``refcnn`` and ``seed``.
 
     Where ``conv`` runs on oneDNN (built by :func:`Conv` with oneDNN available), ``act`` is
     ReLU and the convolution is a plain biased stride-1 one, the whole block runs as one
     oneDNN call each way (:func:`springfield.kernels.onednn.conv_relu_pool`): XLA would
     otherwise make six passes over the convolution's full-size output for the bias, ReLU,
-    pooling and their gradients. ``SPRINGFIELD_FUSE_BLOCKS=0`` keeps the separate layers."""
+    pooling and their gradients. ``SPRINGFIELD_FUSE_BLOCKS=0`` keeps the separate layers.
+    ``input_grad=False`` (a first block, whose input is the image) stops the gradient at
+    ``x`` on every path, which lets the fused block skip the input's gradient."""
     bf16 = getattr(conv.conv_general_dilated, "onednn_bfloat16", None)
     plain = (
         bf16 is not None
@@ -176,9 +178,13 @@ def conv_act_pool(conv: nnx.Conv, act: Any, x: jax.Array) -> jax.Array:
         and os.environ.get("SPRINGFIELD_FUSE_BLOCKS", "1") != "0"
     )
     if plain:
-        y = onednn.conv_relu_pool(x, conv.kernel[...], conv.bias[...], conv.padding, bfloat16=bf16)
+        y = onednn.conv_relu_pool(
+            x, conv.kernel[...], conv.bias[...], conv.padding, bfloat16=bf16, input_grad=input_grad
+        )
         if y is not None:
             return y
+    if not input_grad:
+        x = lax.stop_gradient(x)
     return nnx.avg_pool(act(conv(x)), (2, 2), strides=(2, 2))
 
 

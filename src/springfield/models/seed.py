@@ -46,8 +46,9 @@ class SeedCNN(nnx.Module):
     def __call__(
         self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
     ) -> jax.Array:
-        for conv in self.convs:
-            x = conv_act_pool(conv, self.act, x)
+        for i, conv in enumerate(self.convs):
+            # The image needs no gradient: the first block skips computing it.
+            x = conv_act_pool(conv, self.act, x, input_grad=i > 0)
         x = x.reshape(x.shape[0], -1)
         x = self.act(self.fc1(x))
         x = self.act(self.fc2(x))
