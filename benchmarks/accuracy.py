@@ -41,8 +41,10 @@ def main() -> None:
     extra = [a for a in extra if a != "--"]
 
     from springfield.config import TrainConfig, preset_config
-    from springfield.runtime import setup_runtime
+    from springfield.runtime import reexec_with_malloc_env, setup_runtime
 
+    # Train in the environment the springfield command gives itself (huge pages for malloc).
+    reexec_with_malloc_env()
     setup_runtime()
     from springfield.training.loop import train
 
