@@ -10,6 +10,10 @@ FFI calls (forward, input gradient, weight gradient) into ``onednn_conv.cc``, wi
 maths (or with bfloat16 products, on request), and falls back to another convolution for
 anything else.
 
+:func:`conv_relu_pool` runs a whole ``avg_pool(relu(conv(x) + b))`` block (``refcnn``,
+``seed``) as one call each way, so that XLA makes no passes of its own over the convolution's
+full-size output.
+
 The C++ file is compiled on first use with the system's ``g++`` against the oneDNN wheel
 (``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``) and jaxlib's FFI headers, into
 ``kernels/`` of springfield's cache folder (:func:`springfield.paths.cache_root`), one file per
@@ -254,8 +258,7 @@ def _block_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, ...]:
         jax.ShapeDtypeStruct(w_in.shape[-1:], np.float32),
     )
     dz, dw, db = _call("block_backward", out, x_in, dy, mask, geom=geom)
-    # A separate call so that XLA drops it where nobody wants the input's gradient (the
-    # first block, whose input is the image).
+    # A separate call, so that XLA drops it wherever the input's gradient goes unused.
     dx = _call("input_grad", x_in.shape, dz, w_in, geom=geom)
     return dx, dw, db
 

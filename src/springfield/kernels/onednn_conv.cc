@@ -4,6 +4,9 @@
 // bfloat16 inputs on CPUs with AVX512_BF16. Inputs are float32 or bfloat16 (all of one
 // call's alike); results and accumulation are always float32.
 //
+// Besides single convolutions, whole conv -> bias -> ReLU -> 2x2 average-pool blocks (the
+// reference CNN's and `seed`'s) run as one call each way: see "conv + bias + ReLU" below.
+//
 // One plan (primitive descriptors, primitives, weight reorders) is built per geometry
 // and cached for the life of the process. Scratchpads are user-managed and allocated per
 // call so that two XLA threads may run the same plan at once.
