@@ -593,7 +593,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             env = dict(row.env)
             # What the springfield command sets up for itself before it starts (huge pages
             # for XLA's buffers); plain JAX does not. --hugepages-all gives it to everyone.
-            if args.hugepages_all or row.proc in ("springfield", "springfield-xla-conv"):
+            springfield = (
+                row.proc.startswith("springfield") and row.proc != "springfield-xla-default"
+            )
+            if args.hugepages_all or springfield:
                 env = {**malloc_env(), **env}
             if row.proc == "torch":
                 # A fresh inductor cache: torch.compile's first step is then a cold compile,

@@ -26,7 +26,6 @@ the reference CNN 1.2x faster (docs/performance.md). ``SPRINGFIELD_HUGEPAGES=0``
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -77,7 +76,7 @@ def malloc_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     environ = os.environ if environ is None else environ
     if environ.get("SPRINGFIELD_HUGEPAGES", "1") == "0" or not sys.platform.startswith("linux"):
         return {}
-    if platform.libc_ver()[0] != "glibc":
+    if not _is_glibc():
         return {}
     current = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in current:
@@ -88,6 +87,14 @@ def malloc_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     except OSError:
         return {}
     return {"GLIBC_TUNABLES": ":".join(t for t in (current, HUGEPAGE_TUNABLE) if t)}
+
+
+def _is_glibc() -> bool:
+    # confstr answers from libc itself; platform.libc_ver() would read the interpreter binary.
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def reexec_with_malloc_env() -> None:

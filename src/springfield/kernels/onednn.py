@@ -176,11 +176,14 @@ def _attrs(strides: tuple[int, int], pads: tuple) -> dict[str, np.int64]:
     }
 
 
+def _f32(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    # Results are float32 (oneDNN accumulates in float32 whatever the inputs).
+    return jax.ShapeDtypeStruct(shape, np.float32)
+
+
 def _call(target: str, out: Any, *args: jax.Array, geom: tuple) -> Any:
+    """Call kernel ``target`` with results ``out`` (one ShapeDtypeStruct, or a tuple)."""
     strides, pads = geom[:2]
-    if isinstance(out, tuple) and isinstance(out[0], int):
-        # A shape: results are float32 (oneDNN accumulates in float32 whatever the inputs).
-        out = jax.ShapeDtypeStruct(out, np.float32)
     # vmap (ensembles) loops over the mapped axis: the kernels take fixed-rank arrays.
     fn = jax.ffi.ffi_call(_NAME + target, out, vmap_method="sequential")
     return fn(*args, **_attrs(strides, pads))
@@ -201,7 +204,7 @@ def _inputs(geom: tuple, *arrays: jax.Array) -> list[jax.Array]:
 
 def _conv_fwd(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
     x_in, w_in = _inputs(geom, x, w)
-    return _call("forward", _out_shape(x, w, geom), x_in, w_in, geom=geom), (x_in, w_in)
+    return _call("forward", _f32(_out_shape(x, w, geom)), x_in, w_in, geom=geom), (x_in, w_in)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -212,8 +215,8 @@ def _conv(x: jax.Array, w: jax.Array, geom: tuple) -> jax.Array:
 def _conv_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     x_in, w_in = res
     (dy_in,) = _inputs(geom, dy)
-    dx = _call("input_grad", x_in.shape, dy_in, w_in, geom=geom)
-    dw = _call("weight_grad", w_in.shape, x_in, dy_in, geom=geom)
+    dx = _call("input_grad", _f32(x_in.shape), dy_in, w_in, geom=geom)
+    dw = _call("weight_grad", _f32(w_in.shape), x_in, dy_in, geom=geom)
     return dx, dw
 
 
@@ -228,7 +231,7 @@ def _pooled_shape(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[int, int, in
 def _block_fwd(x: jax.Array, w: jax.Array, b: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
     x_in, w_in = _inputs(geom, x, w)
     out = (
-        jax.ShapeDtypeStruct(_pooled_shape(x, w, geom), np.float32),
+        _f32(_pooled_shape(x, w, geom)),
         jax.ShapeDtypeStruct(_out_shape(x, w, geom), np.uint8),
     )
     y, mask = _call("block_forward", out, x_in, w_in, b, geom=geom)
@@ -239,27 +242,20 @@ def _block_fwd(x: jax.Array, w: jax.Array, b: jax.Array, geom: tuple) -> tuple[j
 def _block(x: jax.Array, w: jax.Array, b: jax.Array, geom: tuple) -> jax.Array:
     # Not differentiated (evaluation): no mask to keep.
     x_in, w_in = _inputs(geom, x, w)
-    return _call("block_infer", _pooled_shape(x, w, geom), x_in, w_in, b, geom=geom)
+    return _call("block_infer", _f32(_pooled_shape(x, w, geom)), x_in, w_in, b, geom=geom)
 
 
 def _block_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, ...]:
     x_in, w_in, mask = res
     if not geom[3]:
         # No input gradient (see conv_relu_pool): the weights' one pass, chunked in cache.
-        out = (
-            jax.ShapeDtypeStruct(w_in.shape, np.float32),
-            jax.ShapeDtypeStruct(w_in.shape[-1:], np.float32),
-        )
+        out = (_f32(w_in.shape), _f32(w_in.shape[-1:]))
         dw, db = _call("block_weight_grad", out, x_in, dy, mask, geom=geom)
         return jnp.zeros(x_in.shape, np.float32), dw, db
-    out = (
-        jax.ShapeDtypeStruct(mask.shape, x_in.dtype),
-        jax.ShapeDtypeStruct(w_in.shape, np.float32),
-        jax.ShapeDtypeStruct(w_in.shape[-1:], np.float32),
-    )
+    out = (jax.ShapeDtypeStruct(mask.shape, x_in.dtype), _f32(w_in.shape), _f32(w_in.shape[-1:]))
     dz, dw, db = _call("block_backward", out, x_in, dy, mask, geom=geom)
     # A separate call, so that XLA drops it wherever the input's gradient goes unused.
-    dx = _call("input_grad", x_in.shape, dz, w_in, geom=geom)
+    dx = _call("input_grad", _f32(x_in.shape), dz, w_in, geom=geom)
     return dx, dw, db
 
 

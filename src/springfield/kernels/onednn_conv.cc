@@ -83,16 +83,20 @@ std::shared_ptr<Plan> MakePlan(const Key& k) {
   return plan;
 }
 
-std::shared_ptr<Plan> GetPlan(const Key& k) {
+// The plan `make` builds for `k`, built once per process (one cache per plan type).
+template <typename P>
+std::shared_ptr<P> Cached(const Key& k, std::shared_ptr<P> (*make)(const Key&)) {
   static std::mutex mu;
-  static std::map<Key, std::shared_ptr<Plan>> plans;
+  static std::map<Key, std::shared_ptr<P>> plans;
   std::lock_guard<std::mutex> lock(mu);
   auto it = plans.find(k);
   if (it != plans.end()) return it->second;
-  auto plan = MakePlan(k);
+  auto plan = make(k);
   plans.emplace(k, plan);
   return plan;
 }
+
+std::shared_ptr<Plan> GetPlan(const Key& k) { return Cached(k, MakePlan); }
 
 Key MakeKey(ffi::Span<const int64_t> x, ffi::Span<const int64_t> wt,
             ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
@@ -128,6 +132,24 @@ memory WeightsIn(const memory::desc& have, const memory::desc& want, void* data)
   dnnl::reorder(user, mine).execute(stream, user, mine);
   stream.wait();
   return mine;
+}
+
+// Runs a weight-gradient primitive (other arguments in `args`) so that float32 HWIO weight
+// gradients land at `out`, going through oneDNN's preferred layout where it differs.
+void RunWeightGrad(dnnl::primitive& prim,
+                   const dnnl::convolution_backward_weights::primitive_desc& pd,
+                   const memory::desc& wei_f32, void* out,
+                   std::unordered_map<int, memory> args) {
+  memory user(wei_f32, Engine(), out);
+  const auto want = pd.diff_weights_desc();
+  memory diff_wei = want == wei_f32 ? user : memory(want, Engine());
+  args.emplace(DNNL_ARG_DIFF_WEIGHTS, diff_wei);
+  Run(prim, pd.scratchpad_desc(), std::move(args));
+  if (!(want == wei_f32)) {
+    dnnl::stream stream(Engine());
+    dnnl::reorder(diff_wei, user).execute(stream, diff_wei, user);
+    stream.wait();
+  }
 }
 
 ffi::Error Guard(const std::function<void()>& body) {
@@ -179,17 +201,8 @@ ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
                              sw, pt, pb, pl, pr, x.element_type()));
     memory src(p->src, Engine(), x.untyped_data());
     memory diff_dst(p->dst, Engine(), dy.untyped_data());
-    memory user(p->wei_f32, Engine(), dw->untyped_data());
-    const auto want = p->bwd_weights_pd.diff_weights_desc();
-    memory diff_wei = want == p->wei_f32 ? user : memory(want, Engine());
-    Run(p->bwd_weights, p->bwd_weights_pd.scratchpad_desc(),
-        {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-         {DNNL_ARG_DIFF_WEIGHTS, diff_wei}});
-    if (!(want == p->wei_f32)) {
-      dnnl::stream stream(Engine());
-      dnnl::reorder(diff_wei, user).execute(stream, diff_wei, user);
-      stream.wait();
-    }
+    RunWeightGrad(p->bwd_weights, p->bwd_weights_pd, p->wei_f32, dw->untyped_data(),
+                  {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}});
   });
 }
 
@@ -241,16 +254,7 @@ std::shared_ptr<BlockPlan> MakeBlockPlan(const Key& k) {
   return plan;
 }
 
-std::shared_ptr<BlockPlan> GetBlockPlan(const Key& k) {
-  static std::mutex mu;
-  static std::map<Key, std::shared_ptr<BlockPlan>> plans;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = plans.find(k);
-  if (it != plans.end()) return it->second;
-  auto plan = MakeBlockPlan(k);
-  plans.emplace(k, plan);
-  return plan;
-}
+std::shared_ptr<BlockPlan> GetBlockPlan(const Key& k) { return Cached(k, MakeBlockPlan); }
 
 // The convolution's output before pooling. Kept per thread and reused: a fresh buffer each
 // call would page-fault its way through hundreds of MB at 128 px.
@@ -405,8 +409,56 @@ ffi::Error BlockInfer(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> 
   });
 }
 
-// From the pooled output's gradient: the convolution output's gradient dz (in the inputs'
-// type, for the input-gradient convolution that follows), the weight and bias gradients.
+// dz = the convolution output's gradient, in the inputs' type (bfloat16 or float32).
+void UnpoolAs(bool bf16, const float* dy, const uint8_t* mask, void* dz, int64_t n,
+              int64_t oh, int64_t ow, int64_t c) {
+  if (bf16) {
+    Unpool(dy, mask, static_cast<uint16_t*>(dz), n, oh, ow, c, ToBf16);
+  } else {
+    Unpool(dy, mask, static_cast<float*>(dz), n, oh, ow, c, [](float v) { return v; });
+  }
+}
+
+// From the pooled output's gradient, the block's weight and bias gradients. With `dz_out`,
+// the convolution output's gradient goes there (the whole batch, for the input-gradient
+// convolution that follows). Without (the first block: nobody wants the image's gradient),
+// it is made chunk by chunk in cache and consumed at once, and the chunks' gradients summed.
+void BlockWeightGrad(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::U8> mask,
+                     void* dz_out, float* dw, float* db, const Key& k) {
+  const int64_t n = k[0], h = k[1], wd = k[2], c = k[3], o = k[6], oh = k[7], ow = k[8];
+  const bool bf16 = k[15];
+  const int64_t in_bytes = bf16 ? 2 : 4;
+  const int64_t chunk = dz_out != nullptr ? n : ChunkImages(n, oh * ow * o * in_bytes);
+  // Float-sized scratch serves both types (bfloat16 uses half of it).
+  void* scratch = dz_out != nullptr ? nullptr : ConvOutScratch(chunk * oh * ow * o);
+  const memory::desc wei_f32({o, c, k[4], k[5]}, dt::f32, tag::hwio);
+  const int64_t wcount = o * c * k[4] * k[5];
+  std::vector<float> part_w, part_b;
+  auto* x_bytes = static_cast<char*>(x.untyped_data());
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t nb = std::min(chunk, n - start);
+    auto p = GetBlockPlan(WithBatch(k, nb));
+    void* dz = dz_out != nullptr ? dz_out : scratch;
+    UnpoolAs(bf16, dy.typed_data() + start * (oh / 2) * (ow / 2) * o,
+             mask.typed_data() + start * oh * ow * o, dz, nb, oh, ow, o);
+    const bool first = start == 0;
+    if (!first) {
+      part_w.resize(wcount);
+      part_b.resize(o);
+    }
+    memory src(p->src, Engine(), x_bytes + start * h * wd * c * in_bytes);
+    memory diff_dst(p->dz, Engine(), dz);
+    memory diff_bias(p->bias, Engine(), first ? db : part_b.data());
+    RunWeightGrad(p->bwd_weights, p->bwd_weights_pd, wei_f32, first ? dw : part_w.data(),
+                  {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
+                   {DNNL_ARG_DIFF_BIAS, diff_bias}});
+    if (!first) {
+      for (int64_t i = 0; i < wcount; ++i) dw[i] += part_w[i];
+      for (int64_t i = 0; i < o; ++i) db[i] += part_b[i];
+    }
+  }
+}
+
 ffi::Error BlockBackward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy,
                          ffi::Buffer<ffi::U8> mask, ffi::Result<ffi::AnyBuffer> dz,
                          ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db,
@@ -414,88 +466,21 @@ ffi::Error BlockBackward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy,
                          int64_t pr) {
   if (!Supported(x.element_type(), dz->element_type())) return Unsupported();
   return Guard([&] {
-    const Key k = BlockKey(x.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr,
-                           x.element_type());
-    auto p = GetBlockPlan(k);
-    const int64_t n = k[0], o = k[6], oh = k[7], ow = k[8];
-    if (k[15]) {
-      Unpool(dy.typed_data(), mask.typed_data(),
-             static_cast<uint16_t*>(dz->untyped_data()), n, oh, ow, o, ToBf16);
-    } else {
-      Unpool(dy.typed_data(), mask.typed_data(), static_cast<float*>(dz->untyped_data()),
-             n, oh, ow, o, [](float v) { return v; });
-    }
-    memory src(p->src, Engine(), x.untyped_data());
-    memory diff_dst(p->dz, Engine(), dz->untyped_data());
-    memory diff_bias(p->bias, Engine(), db->typed_data());
-    const memory::desc wei_f32({o, k[3], k[4], k[5]}, dt::f32, tag::hwio);
-    memory user(wei_f32, Engine(), dw->typed_data());
-    const auto want = p->bwd_weights_pd.diff_weights_desc();
-    memory diff_wei = want == wei_f32 ? user : memory(want, Engine());
-    Run(p->bwd_weights, p->bwd_weights_pd.scratchpad_desc(),
-        {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-         {DNNL_ARG_DIFF_WEIGHTS, diff_wei}, {DNNL_ARG_DIFF_BIAS, diff_bias}});
-    if (!(want == wei_f32)) {
-      dnnl::stream stream(Engine());
-      dnnl::reorder(diff_wei, user).execute(stream, diff_wei, user);
-      stream.wait();
-    }
+    BlockWeightGrad(x, dy, mask, dz->untyped_data(), dw->typed_data(), db->typed_data(),
+                    BlockKey(x.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr,
+                             x.element_type()));
   });
 }
 
-// The first block's backward pass: its input is the image, whose gradient nobody wants, so
-// the convolution output's gradient is never needed whole; chunk by chunk it is made in
-// cache and consumed at once by the weight and bias gradients, which are summed.
 ffi::Error BlockBackwardWeights(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy,
                                 ffi::Buffer<ffi::U8> mask, ffi::ResultBuffer<ffi::F32> dw,
                                 ffi::ResultBuffer<ffi::F32> db, int64_t sh, int64_t sw,
                                 int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   if (!Supported(x.element_type(), x.element_type())) return Unsupported();
   return Guard([&] {
-    const Key k = BlockKey(x.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr,
-                           x.element_type());
-    const int64_t n = k[0], h = k[1], wd = k[2], c = k[3], o = k[6], oh = k[7], ow = k[8];
-    const bool bf16 = k[15];
-    const int64_t in_bytes = bf16 ? 2 : 4;
-    const int64_t chunk = ChunkImages(n, oh * ow * o * in_bytes);
-    // Float-sized scratch serves both types (bfloat16 uses half of it).
-    float* dz = ConvOutScratch(static_cast<size_t>(chunk * oh * ow * o));
-    const memory::desc wei_f32({o, c, k[4], k[5]}, dt::f32, tag::hwio);
-    const int64_t wcount = o * c * k[4] * k[5];
-    std::vector<float> part_w(wcount), part_b(o);
-    float* out_w = dw->typed_data();
-    float* out_b = db->typed_data();
-    auto* x_bytes = static_cast<char*>(x.untyped_data());
-    for (int64_t start = 0; start < n; start += chunk) {
-      const int64_t nb = std::min(chunk, n - start);
-      auto p = GetBlockPlan(WithBatch(k, nb));
-      const float* g = dy.typed_data() + start * (oh / 2) * (ow / 2) * o;
-      const uint8_t* m = mask.typed_data() + start * oh * ow * o;
-      if (bf16) {
-        Unpool(g, m, reinterpret_cast<uint16_t*>(dz), nb, oh, ow, o, ToBf16);
-      } else {
-        Unpool(g, m, dz, nb, oh, ow, o, [](float v) { return v; });
-      }
-      const bool first = start == 0;
-      memory src(p->src, Engine(), x_bytes + start * h * wd * c * in_bytes);
-      memory diff_dst(p->dz, Engine(), dz);
-      memory diff_bias(p->bias, Engine(), first ? out_b : part_b.data());
-      memory user(wei_f32, Engine(), first ? out_w : part_w.data());
-      const auto want = p->bwd_weights_pd.diff_weights_desc();
-      memory diff_wei = want == wei_f32 ? user : memory(want, Engine());
-      Run(p->bwd_weights, p->bwd_weights_pd.scratchpad_desc(),
-          {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-           {DNNL_ARG_DIFF_WEIGHTS, diff_wei}, {DNNL_ARG_DIFF_BIAS, diff_bias}});
-      if (!(want == wei_f32)) {
-        dnnl::stream stream(Engine());
-        dnnl::reorder(diff_wei, user).execute(stream, diff_wei, user);
-        stream.wait();
-      }
-      if (!first) {
-        for (int64_t i = 0; i < wcount; ++i) out_w[i] += part_w[i];
-        for (int64_t i = 0; i < o; ++i) out_b[i] += part_b[i];
-      }
-    }
+    BlockWeightGrad(x, dy, mask, nullptr, dw->typed_data(), db->typed_data(),
+                    BlockKey(x.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr,
+                             x.element_type()));
   });
 }
 
