@@ -46,6 +46,12 @@ class TrainConfig:
     image_size: tuple[int, int] | None = None
     """Input height and width in pixels (default: the model's own, e.g. 64 64 for resnet, 160 120 for seed). Images are resized to it, aspect ratio not kept."""
 
+    early_size: tuple[int, int] | None = None
+    """Progressive resizing: train the first --early-epochs epochs on the training images downscaled to this height and width (cheaper steps), the rest at --image-size. Evaluation always uses --image-size. Models with global pooling only (the resnets)."""
+
+    early_epochs: int = 0
+    """With --early-size: how many of the --epochs use the smaller images."""
+
     epochs: int = 15
     """Passes over the training images."""
 
@@ -206,8 +212,9 @@ def from_json(d: dict) -> TrainConfig:
     for k in ("data", "workdir"):
         if kw.get(k) is not None:
             kw[k] = Path(kw[k])
-    if kw.get("image_size") is not None:
-        kw["image_size"] = tuple(kw["image_size"])
+    for k in ("image_size", "early_size"):
+        if kw.get(k) is not None:
+            kw[k] = tuple(kw[k])
     return TrainConfig(**kw)
 
 

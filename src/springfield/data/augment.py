@@ -89,6 +89,26 @@ def _erase(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
+@dataclass(frozen=True)
+class EarlyResize:
+    """Downscale the first ``until`` elements of the training stream to ``size`` (H, W).
+
+    A grain ``map_with_index`` transform: ``until`` counts elements of the whole repeated
+    stream, so it is a whole number of batches and no batch mixes two sizes.
+    """
+
+    until: int
+    size: tuple[int, int]
+
+    def __call__(self, index: int, element: dict) -> dict:
+        if index >= self.until:
+            return element
+        h, w = self.size
+        # Pillow's BILINEAR widens its filter when shrinking, so this is antialiased.
+        img = Image.fromarray(element["image"]).resize((w, h), Image.BILINEAR)
+        return {**element, "image": np.asarray(img)}
+
+
 PRESETS: dict[str, Augment | None] = {
     "none": None,
     "flip": Augment(flip=True),

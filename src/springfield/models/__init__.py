@@ -26,6 +26,9 @@ class ModelSpec:
     image_size: tuple[int, int]
     min_size: int
     about: str
+    any_size: bool = False
+    """Global pooling before the head: the same weights take any input size (so
+    ``--early-size`` can train it on smaller images first)."""
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -34,18 +37,21 @@ MODELS: dict[str, ModelSpec] = {
         (64, 64),
         ResNet.min_size,
         "small residual CNN with BatchNorm and global pooling (default)",
+        any_size=True,
     ),
     "resnet-wide": ModelSpec(
         lambda n, size, act, rngs: ResNet(n, act=act, rngs=rngs, widths=(48, 96, 192), depth=2),
         (112, 112),
         ResNet.min_size,
         "wider, deeper residual CNN for real photos",
+        any_size=True,
     ),
     "resnet-hires": ModelSpec(
         lambda n, size, act, rngs: ResNet(n, act=act, rngs=rngs, stem_convs=2),
         (128, 128),
         ResNet.min_size * 2,
         "resnet with a two-convolution stride-4 stem: 2x the input size at about its cost",
+        any_size=True,
     ),
     "seed": ModelSpec(
         lambda n, size, act, rngs: SeedCNN(n, image_size=size, act=act, rngs=rngs),

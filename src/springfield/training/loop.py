@@ -122,6 +122,35 @@ def augmented_samples(cfg: TrainConfig, split: Split) -> tuple[np.ndarray, np.nd
     return batch["image"], batch["label"]
 
 
+def _check_early(cfg: TrainConfig) -> None:
+    """Refuse progressive-resizing settings that cannot work, before any data is read."""
+    if cfg.early_size is None and cfg.early_epochs == 0:
+        return
+    if cfg.early_size is None or cfg.early_epochs <= 0:
+        raise SpringfieldError(
+            "--early-size and --early-epochs go together: give both (e.g. --early-size 64 64 "
+            "--early-epochs 60), or neither."
+        )
+    if cfg.early_epochs > cfg.epochs:
+        raise SpringfieldError(
+            f"--early-epochs {cfg.early_epochs}: more than --epochs {cfg.epochs}; the early "
+            "epochs are part of the total."
+        )
+    spec = model_spec(cfg.model)
+    h, w = cfg.early_size
+    if min(h, w) < spec.min_size:
+        raise SpringfieldError(
+            f"--early-size {h} {w}: too small for model {cfg.model!r}, which needs at least "
+            f"{spec.min_size}x{spec.min_size} px."
+        )
+    if not spec.any_size:
+        raise SpringfieldError(
+            f"--early-size: model {cfg.model!r} has a head sized for one input size; "
+            "progressive resizing needs a model with global pooling (resnet, resnet-wide, "
+            "resnet-hires)."
+        )
+
+
 def _data_fingerprint(*splits: Split) -> str:
     # Relative paths and labels: hosts may mount the data at different places.
     return json.dumps(
@@ -231,6 +260,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
     cfg = replace(cfg, workdir=workdir, image_size=image_size)
     # Refuse bad names and sizes before minutes of data preparation, not after.
     check_image_size(cfg.model, image_size)
+    _check_early(cfg)
     check_ensemble(cfg.ensemble)
     get_activation(cfg.activation)
     build_optimizer(cfg, optax.constant_schedule(cfg.lr))
@@ -325,6 +355,8 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             seed=cfg.seed,
             augment=cfg.augment,
             erase=cfg.erase,
+            early_steps=cfg.early_epochs * steps_per_epoch if cfg.early_size else 0,
+            early_size=cfg.early_size,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
         ),

@@ -45,6 +45,8 @@ MUST_MATCH = (
     "cutmix",
     "erase",
     "ema",
+    "early_size",
+    "early_epochs",
 )
 
 
