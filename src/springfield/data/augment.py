@@ -35,11 +35,14 @@ class Augment:
     def __call__(self, element: dict, rng: np.random.Generator) -> dict:
         img = element["image"]
         h, w = img.shape[:2]
-        if self.crop_scale != (1.0, 1.0) or self.rotate:
+        # An element tagged by EarlySize is also scaled to that size, in the crop's resample.
+        oh, ow = element.get("size", (h, w))
+        if self.crop_scale != (1.0, 1.0) or self.rotate or (oh, ow) != (h, w):
             pil = Image.fromarray(img)
             if self.rotate:
                 angle = float(rng.uniform(-self.rotate, self.rotate))
                 pil = pil.rotate(angle, resample=Image.BILINEAR, fillcolor=_edge_colour(img))
+            box = None
             if self.crop_scale != (1.0, 1.0):
                 area = rng.uniform(*self.crop_scale)
                 aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
@@ -47,7 +50,10 @@ class Augment:
                 ch = min(1.0, np.sqrt(area / aspect)) * h
                 x0 = rng.uniform(0, w - cw)
                 y0 = rng.uniform(0, h - ch)
-                pil = pil.resize((w, h), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+                box = (x0, y0, x0 + cw, y0 + ch)
+            if box is not None or (oh, ow) != (h, w):
+                # Pillow widens its filter when shrinking: antialiased at any scale.
+                pil = pil.resize((ow, oh), Image.BILINEAR, box=box)
             img = np.asarray(pil)
         if self.flip and rng.random() < 0.5:
             img = img[:, ::-1]
@@ -55,7 +61,9 @@ class Augment:
             img = _colour_jitter(img, rng, self.jitter)
         if self.erase and rng.random() < self.erase:
             img = _erase(img, rng)
-        return {**element, "image": np.ascontiguousarray(img)}
+        out = {k: v for k, v in element.items() if k != "size"}
+        out["image"] = np.ascontiguousarray(img)
+        return out
 
 
 def _edge_colour(img: np.ndarray) -> tuple[int, int, int]:
@@ -66,14 +74,16 @@ def _edge_colour(img: np.ndarray) -> tuple[int, int, int]:
 
 
 def _colour_jitter(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
-    x = img.astype(np.float32)
+    # Brightness, contrast (about the image mean) and saturation (about each pixel's grey)
+    # are all linear in the pixel, so they fold into one 3x3 matrix and an offset: one
+    # pass instead of six (0.8 -> 0.2 ms at 112 px; a pixel rounds differently about once
+    # in 200,000).
     b, c, sat = rng.uniform(1 - s, 1 + s, size=3)
-    x = x * b
-    mean = x.mean()
-    x = (x - mean) * c + mean
-    grey = x.mean(axis=2, keepdims=True)
-    x = (x - grey) * sat + grey
-    return np.clip(x, 0, 255).astype(np.uint8)
+    mat = c * b * (sat * np.eye(3) + (1 - sat) / 3)
+    offset = (1 - c) * b * img.mean()
+    x = img.reshape(-1, 3).astype(np.float32) @ mat.T.astype(np.float32)
+    x += np.float32(offset)
+    return np.clip(x, 0, 255, out=x).astype(np.uint8).reshape(img.shape)
 
 
 def _erase(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -90,23 +100,20 @@ def _erase(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class EarlyResize:
-    """Downscale the first ``until`` elements of the training stream to ``size`` (H, W).
+class EarlySize:
+    """Tag the first ``until`` elements of the training stream with ``size`` (H, W), which
+    :class:`Augment` then resizes them to (progressive resizing).
 
-    A grain ``map_with_index`` transform: ``until`` counts elements of the whole repeated
-    stream, so it is a whole number of batches and no batch mixes two sizes.
+    A grain ``map_with_index`` transform placed before augmentation: ``until`` counts
+    elements of the whole repeated stream, a whole number of batches, so no batch mixes two
+    sizes.
     """
 
     until: int
     size: tuple[int, int]
 
     def __call__(self, index: int, element: dict) -> dict:
-        if index >= self.until:
-            return element
-        h, w = self.size
-        # Pillow's BILINEAR widens its filter when shrinking, so this is antialiased.
-        img = Image.fromarray(element["image"]).resize((w, h), Image.BILINEAR)
-        return {**element, "image": np.asarray(img)}
+        return {**element, "size": self.size} if index < self.until else element
 
 
 PRESETS: dict[str, Augment | None] = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from springfield.data.augment import EarlyResize, make_augment
+from springfield.data.augment import Augment, EarlySize, make_augment
 
 # Batches travel from the workers through grain's pipe, never through shared memory. A batch
 # a worker had put in shared memory when the iterator closed (the end of training, Ctrl-C)
@@ -93,8 +93,8 @@ def train_dataset(
 
     Each epoch is a new permutation of the training images (grain reshuffles per repeat).
     ``augment`` names a preset of :mod:`springfield.data.augment`; ``erase`` adds random
-    erasing to it with that chance per image. The first ``early_steps`` batches are
-    downscaled to ``early_size`` after augmentation (progressive resizing).
+    erasing to it with that chance per image. The first ``early_steps`` batches come out
+    at ``early_size`` (scaled within the crop's resample; progressive resizing).
     With ``shard_count > 1`` (multi-host) each process reads the disjoint slice
     ``shard_index::shard_count`` of the data and ``batch_size`` is its local batch.
     """
@@ -103,10 +103,11 @@ def train_dataset(
         ds = ds[shard_index::shard_count]
     ds = ds.seed(seed).shuffle().repeat(epochs)
     aug = make_augment(augment, erase=erase)
+    if early_steps and early_size is not None:
+        ds = ds.map_with_index(EarlySize(early_steps * batch_size, tuple(early_size)))
+        aug = aug or Augment(flip=False)  # resizes the tagged images and nothing else
     if aug is not None:
         ds = ds.random_map(aug)
-    if early_steps and early_size is not None:
-        ds = ds.map_with_index(EarlyResize(early_steps * batch_size, tuple(early_size)))
     return ds.batch(batch_size, drop_remainder=True)
 
 
