@@ -14,7 +14,8 @@ from flax import nnx
 
 from springfield.cli import main
 from springfield.config import preset_config
-from springfield.data.augment import make_augment
+from springfield.data.augment import _colour_jitter, make_augment
+from springfield.data.pipeline import to_iterator, train_dataset
 from springfield.evaluate import load_run
 from springfield.models import build_model
 from springfield.models.ensemble import Ensemble
@@ -148,6 +149,20 @@ def test_training_an_ensemble_with_cutmix_and_erasing_then_eval_and_resume_check
         (["--ensemble", "0"], "--ensemble 0: must be 1"),
         (["--cutmix", "-1"], "--cutmix -1.0: must be 0"),
         (["--erase", "1.5"], "--erase 1.5: must be a chance between 0 and 1"),
+        (["--early-epochs", "3"], "--early-epochs 3: needs --early-size H W"),
+        (
+            ["--early-size", "24", "24", "--early-epochs", "99"],
+            "--early-epochs 99: more than --epochs 15",
+        ),
+        (
+            ["--model", "refcnn", "--early-size", "24", "24", "--early-epochs", "1"],
+            "needs a model with global pooling",
+        ),
+        (["--early-size", "4", "4", "--early-epochs", "1"], "--early-size 4 4: too small"),
+        (
+            ["--image-size", "32", "32", "--early-size", "40", "32", "--early-epochs", "1"],
+            "--early-size 40 32: larger than --image-size 32 32",
+        ),
     ],
 )
 def test_bad_recipe_values_are_refused_by_name(tiny_folder, tmp_path, capsys, flag, message):
@@ -278,3 +293,84 @@ def test_early_stop_ends_the_run_and_a_rerun_stays_stopped(tiny_folder, tmp_path
     rows = (workdir / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3 and "Stopped early after epoch 3" in capsys.readouterr().out
     assert main([*args[:-3], "--early-stop", "-1"]) == 2
+
+
+def test_colour_jitter_matches_brightness_contrast_saturation_applied_in_turn():
+    rng = np.random.default_rng(0)
+    differing = 0
+    for seed in range(50):
+        img = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        b, c, sat = np.random.default_rng(seed).uniform(0.75, 1.25, size=3)
+        x = img.astype(np.float64) * b
+        x = (x - x.mean()) * c + x.mean()
+        grey = x.mean(axis=2, keepdims=True)
+        want = np.clip((x - grey) * sat + grey, 0, 255).astype(np.uint8)
+        got = _colour_jitter(img, np.random.default_rng(seed), 0.25)
+        assert np.abs(got.astype(int) - want).max() <= 1  # float32 vs float64 rounding
+        differing += int((got != want).sum())
+    assert differing < 0.001 * 50 * img.size
+    assert not np.array_equal(got, img)
+
+
+def _stream(npy, labels, **kw):
+    ds = train_dataset(npy, labels, batch_size=4, epochs=2, seed=3, **kw)
+    it = to_iterator(ds, workers=0)
+    out = [next(it) for _ in range(6)]
+    it.close()
+    return out
+
+
+@pytest.mark.parametrize("augment", ["none", "light"])
+def test_early_size_gives_the_first_batches_smaller_and_keeps_the_order(tmp_path, augment):
+    from PIL import Image
+
+    # Smooth images, so that resampling the same crop at two sizes agrees closely.
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    phases = np.random.default_rng(0).uniform(0, 6, (12, 3))
+    images = np.stack(
+        [np.stack([127 + 120 * np.sin(2 * xx + 3 * yy + p) for p in ph], axis=-1) for ph in phases]
+    ).astype(np.uint8)
+    npy = tmp_path / "images.npy"
+    np.save(npy, images)
+    labels = np.arange(12) % 3
+    plain = _stream(npy, labels, augment=augment)
+    early = _stream(npy, labels, augment=augment, early_steps=2, early_size=(24, 20))
+    assert [b["image"].shape[1:3] for b in early] == [(24, 20)] * 2 + [(32, 32)] * 4
+    for p, e in zip(plain, early, strict=True):
+        np.testing.assert_array_equal(p["index"], e["index"])
+        np.testing.assert_array_equal(p["label"], e["label"])
+        assert sorted(e) == sorted(p)  # the size tag does not reach the batch
+    for p, e in zip(plain[2:], early[2:], strict=True):
+        np.testing.assert_array_equal(p["image"], e["image"])
+
+    # An early image is the plain stream's image (same crop, flip and jitter) at 24x20.
+    def shrink(img):
+        return np.asarray(Image.fromarray(img).resize((20, 24), Image.BILINEAR)).astype(int)
+
+    for p, e in zip(plain[:2], early[:2], strict=True):
+        for i, small in enumerate(e["image"]):
+            own = np.abs(shrink(p["image"][i]) - small).mean()
+            other = np.abs(shrink(p["image"][(i + 1) % 4]) - small).mean()
+            assert own < 3 and other > 3 * max(own, 1), (own, other)
+
+
+def test_training_with_early_size_then_full_size(tiny_folder, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    args = ["train", "--data", str(tiny_folder), "--workdir", str(workdir), "--epochs", "2"]
+    args += ["--image-size", "32", "32", "--batch-size", "8", "--workers", "0"]
+    args += ["--early-size", "16", "24", "--early-epochs", "1", "--no-report", "--no-tensorboard"]
+    assert main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "at 32x32 (the first 1 epochs at 16x24)" in out
+    saved = json.loads((workdir / "config.json").read_text())
+    assert (saved["early_size"], saved["early_epochs"]) == ([16, 24], 1)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["image_size"] for r in rows] == [[16, 24], [32, 32]]  # validated at that size
+    assert json.loads((workdir / "eval.json").read_text())["num_images"] == 12
+    # The run's model evaluates at the full size, as trained last.
+    assert main(["eval", str(workdir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_images"] == 12
+    # Resuming with a different early phase would change the run: refused by name.
+    assert main([*args[:-7], "--epochs", "3", "--no-report"]) == 2
+    assert "--early-epochs 1 (run) vs 0 (now)" in " ".join(capsys.readouterr().err.split())

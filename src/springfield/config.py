@@ -47,10 +47,10 @@ class TrainConfig:
     """Input height and width in pixels (default: the model's own, e.g. 64 64 for resnet, 160 120 for seed). Images are resized to it, aspect ratio not kept."""
 
     early_size: tuple[int, int] | None = None
-    """Progressive resizing: train the first --early-epochs epochs on the training images downscaled to this height and width (cheaper steps), the rest at --image-size. Evaluation always uses --image-size. Models with global pooling only (the resnets)."""
+    """Progressive resizing: train the first --early-epochs epochs on the training images downscaled to this height and width (cheaper steps), the rest at --image-size. The early epochs' validation runs at the early size; the final evaluation, early stopping and the saved model use --image-size. Models with global pooling only (the resnets)."""
 
     early_epochs: int = 0
-    """With --early-size: how many of the --epochs use the smaller images."""
+    """With --early-size: how many of the --epochs use the smaller images (0 = off)."""
 
     epochs: int = 15
     """Passes over the training images."""

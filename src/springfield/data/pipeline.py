@@ -32,6 +32,9 @@ from springfield.data.augment import Augment, EarlySize, make_augment
 # frames stayed as they were (docs/performance.md), and a small /dev/shm no longer matters.
 _NO_SHM = 1 << 62
 
+# Tells the augmentation's random stream apart from the shuffle's (both come from --seed).
+_AUGMENT_STREAM = 0x5A
+
 
 class ArraySource:
     """Random-access grain source over a decoded ``(N, H, W, 3)`` ``.npy`` file.
@@ -107,7 +110,10 @@ def train_dataset(
         ds = ds.map_with_index(EarlySize(early_steps * batch_size, tuple(early_size)))
         aug = aug or Augment(flip=False)  # resizes the tagged images and nothing else
     if aug is not None:
-        ds = ds.random_map(aug)
+        # An explicit seed: grain's default one depends on how many stages sit before this
+        # one, and the draws for an image should not change with --early-size.
+        aug_seed = int(np.random.SeedSequence([seed, _AUGMENT_STREAM]).generate_state(1)[0])
+        ds = ds.random_map(aug, seed=aug_seed)
     return ds.batch(batch_size, drop_remainder=True)
 
 

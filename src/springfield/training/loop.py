@@ -30,7 +30,7 @@ from rich.progress import (
 from springfield import parallel
 from springfield.config import TrainConfig, save_json, to_json
 from springfield.data.pipeline import eval_dataset, to_iterator, train_dataset
-from springfield.data.prepare import Split, prepare_splits, resolve_data_root
+from springfield.data.prepare import Split, decode_split, prepare_splits, resolve_data_root
 from springfield.errors import Interrupted, SpringfieldError
 from springfield.kernels import onednn
 from springfield.models import (
@@ -63,10 +63,12 @@ def stopped_early(epoch_rows: list[dict], cfg: TrainConfig) -> dict | None:
 
     Derived from the epoch history alone, so a resumed run stops at the same epoch.
     """
-    if cfg.early_stop <= 0 or not epoch_rows:
+    # Validation losses at the --early-size compare with each other, not with full size.
+    rows = [r for r in epoch_rows if r["epoch"] > cfg.early_epochs]
+    if cfg.early_stop <= 0 or not rows:
         return None
-    best = min(epoch_rows, key=lambda r: r["val_loss"])
-    return best if epoch_rows[-1]["epoch"] - best["epoch"] >= cfg.early_stop else None
+    best = min(rows, key=lambda r: r["val_loss"])
+    return best if rows[-1]["epoch"] - best["epoch"] >= cfg.early_stop else None
 
 
 def run_eval(
@@ -124,12 +126,12 @@ def augmented_samples(cfg: TrainConfig, split: Split) -> tuple[np.ndarray, np.nd
 
 def _check_early(cfg: TrainConfig) -> None:
     """Refuse progressive-resizing settings that cannot work, before any data is read."""
-    if cfg.early_size is None and cfg.early_epochs == 0:
+    if cfg.early_epochs == 0:  # off, whatever --early-size says (presets may set it)
         return
-    if cfg.early_size is None or cfg.early_epochs <= 0:
+    if cfg.early_size is None or cfg.early_epochs < 0:
         raise SpringfieldError(
-            "--early-size and --early-epochs go together: give both (e.g. --early-size 64 64 "
-            "--early-epochs 60), or neither."
+            f"--early-epochs {cfg.early_epochs}: needs --early-size H W and a positive "
+            "count (e.g. --early-size 64 64 --early-epochs 60); 0 turns it off."
         )
     if cfg.early_epochs > cfg.epochs:
         raise SpringfieldError(
@@ -137,11 +139,16 @@ def _check_early(cfg: TrainConfig) -> None:
             "epochs are part of the total."
         )
     spec = model_spec(cfg.model)
-    h, w = cfg.early_size
+    (h, w), (full_h, full_w) = cfg.early_size, cfg.image_size
     if min(h, w) < spec.min_size:
         raise SpringfieldError(
             f"--early-size {h} {w}: too small for model {cfg.model!r}, which needs at least "
             f"{spec.min_size}x{spec.min_size} px."
+        )
+    if h > full_h or w > full_w:
+        raise SpringfieldError(
+            f"--early-size {h} {w}: larger than --image-size {full_h} {full_w}; the early "
+            "epochs train on smaller images (or pass --early-epochs 0 to turn them off)."
         )
     if not spec.any_size:
         raise SpringfieldError(
@@ -302,6 +309,13 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
         only=list(cfg.classes) if cfg.classes else None,
         console=say,
     )
+    # The early epochs are evaluated at their own size: the numbers a 64 px model earns on
+    # 64 px images, at a third of the cost of evaluating at full size.
+    early_val = (
+        decode_split(val_split.index, tuple(cfg.early_size), say, "validation (early size)")
+        if cfg.early_epochs
+        else None
+    )
     parallel.check_same(
         _data_fingerprint(train_split, val_split),
         "the data: --data must hold the same images on every host",
@@ -355,7 +369,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             seed=cfg.seed,
             augment=cfg.augment,
             erase=cfg.erase,
-            early_steps=cfg.early_epochs * steps_per_epoch if cfg.early_size else 0,
+            early_steps=cfg.early_epochs * steps_per_epoch,
             early_size=cfg.early_size,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
@@ -390,7 +404,13 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
         console.print(
             f"[bold]{cfg.model}[/] ({count_params(model):,} parameters) on {n_train} train / "
             f"{len(val_split.index)} val images of {len(classes)} classes at "
-            f"{image_size[0]}x{image_size[1]}; {cfg.epochs} epochs x {steps_per_epoch} steps "
+            f"{image_size[0]}x{image_size[1]}"
+            + (
+                f" (the first {cfg.early_epochs} epochs at {cfg.early_size[0]}x{cfg.early_size[1]})"
+                if cfg.early_epochs
+                else ""
+            )
+            + f"; {cfg.epochs} epochs x {steps_per_epoch} steps "
             f"on {jax.device_count()} device(s), convolutions by {onednn.short_status()}. "
             f"Skipped {skipped} file(s)"
             + (f" (see {workdir / 'skipped.txt'})." if skipped else ".")
@@ -491,8 +511,14 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
                 if step != epoch_end:  # stopped mid-epoch
                     break
                 seconds = time.perf_counter() - t_epoch
+                early = early_val is not None and epoch <= cfg.early_epochs
                 _, labels, probs, losses = run_eval(
-                    eval_step, eval_params(state), state.rest, val_split, cfg.batch_size, mesh
+                    eval_step,
+                    eval_params(state),
+                    state.rest,
+                    early_val if early else val_split,
+                    cfg.batch_size,
+                    mesh,
                 )
                 row = _epoch_row(
                     epoch,
@@ -504,6 +530,8 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
                     seconds=seconds,
                     wait=wait,
                 )
+                if cfg.early_epochs:
+                    row["image_size"] = list(cfg.early_size if early else image_size)
                 if cfg.skip_nonfinite:
                     row["skipped_updates"] = int(state.opt_state.total_notfinite)
                 # The row goes into the checkpoint first: a resume rebuilds metrics.jsonl
