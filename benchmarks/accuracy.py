@@ -74,7 +74,14 @@ def main() -> None:
                     "recipe": recipe,
                     "seed": seed,
                     "model": cfg.model,
-                    "image_size": "x".join(map(str, saved["image_size"])),
+                    "image_size": "x".join(map(str, saved["image_size"]))
+                    + (
+                        f" (first {saved['early_epochs']} at "
+                        + "x".join(map(str, saved["early_size"]))
+                        + ")"
+                        if saved.get("early_epochs")
+                        else ""
+                    ),
                     "epochs": cfg.epochs,
                     "wall_s": round(wall, 1),
                     "val_accuracy": result["accuracy"],
