@@ -135,8 +135,9 @@ def _check_early(cfg: TrainConfig) -> None:
         )
     if cfg.early_epochs > cfg.epochs:
         raise SpringfieldError(
-            f"--early-epochs {cfg.early_epochs}: more than --epochs {cfg.epochs}; the early "
-            "epochs are part of the total."
+            f"--early-epochs {cfg.early_epochs}: more than --epochs {cfg.epochs} (the early "
+            "epochs are part of the total; --preset simpsons sets 70 of 100). Pass a smaller "
+            "--early-epochs, or 0 to train at --image-size throughout."
         )
     spec = model_spec(cfg.model)
     (h, w), (full_h, full_w) = cfg.early_size, cfg.image_size
