@@ -363,8 +363,8 @@ def test_training_with_early_size_then_full_size(tiny_folder, tmp_path, capsys):
     workdir = tmp_path / "run"
     args = ["train", "--data", str(tiny_folder), "--workdir", str(workdir), "--epochs", "2"]
     args += ["--image-size", "32", "32", "--batch-size", "8", "--workers", "0"]
-    args += ["--early-size", "16", "24", "--early-epochs", "1", "--no-report", "--no-tensorboard"]
-    assert main(args) == 0
+    args += ["--early-size", "16", "24", "--early-epochs", "1"]
+    assert main(args) == 0  # with TensorBoard files and the report, as a user runs it
     out = " ".join(capsys.readouterr().out.split())
     assert "at 32x32 (the first 1 epochs at 16x24)" in out
     saved = json.loads((workdir / "config.json").read_text())
@@ -376,6 +376,7 @@ def test_training_with_early_size_then_full_size(tiny_folder, tmp_path, capsys):
     # The run's model evaluates at the full size, as trained last.
     assert main(["eval", str(workdir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["num_images"] == 12
+    assert (workdir / "report.html").is_file() and any((workdir / "tensorboard").iterdir())
     # Resuming with a different early phase would change the run: refused by name.
-    assert main([*args[:-7], "--epochs", "3", "--no-report"]) == 2
+    assert main([*args[:-5], "--epochs", "3", "--no-report"]) == 2
     assert "--early-epochs 1 (run) vs 0 (now)" in " ".join(capsys.readouterr().err.split())

@@ -546,7 +546,8 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
                     history.append_metrics(workdir, row)
                     if writer is not None:
                         for k, v in row.items():
-                            writer.add_scalar(f"epoch/{k}", v, step)
+                            if isinstance(v, int | float):  # not the early epochs' size
+                                writer.add_scalar(f"epoch/{k}", v, step)
                     progress.console.print(_epoch_line(row))
         if stop and step < total_steps:
             if saved != step:
