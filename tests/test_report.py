@@ -171,6 +171,18 @@ def test_plot_curves_tolerates_missing_keys_and_empty_history(tmp_path: Path) ->
     assert_png(plot_curves([], tmp_path / "empty.png"))
 
 
+def test_plot_curves_marks_where_the_training_images_change_size(tmp_path: Path) -> None:
+    plain = make_history(12)
+    same = [{**r, "image_size": [32, 32]} for r in plain]
+    resized = [{**r, "image_size": [16, 16] if r["epoch"] <= 8 else [32, 32]} for r in plain]
+    pixels = {
+        name: np.asarray(assert_png(plot_curves(h, tmp_path / f"{name}.png")))
+        for name, h in (("plain", plain), ("same", same), ("resized", resized))
+    }
+    np.testing.assert_array_equal(pixels["same"], pixels["plain"])  # no change, no line
+    assert not np.array_equal(pixels["resized"], pixels["plain"])
+
+
 @pytest.mark.parametrize("n", [4, 5])
 def test_plot_confusion_writes_png(tmp_path: Path, n: int) -> None:
     classes = ["abraham_grampa_simpson", "bart", "$x$ dollar", "lisa_simpson", "x"][:n]

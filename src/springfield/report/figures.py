@@ -180,6 +180,24 @@ def plot_curves(history: Sequence[Mapping[str, object]], path: Path) -> Path:
     if ax_acc.get_legend_handles_labels()[0]:
         ax_acc.legend(loc="best", fontsize=9, framealpha=0.8)
 
+    # Progressive resizing: a dotted line where the training images change size, so the jump
+    # in the validation curves there reads as the model meeting its new input size.
+    for prev, row in zip(history, history[1:], strict=False):
+        size, before = row.get("image_size"), prev.get("image_size")
+        if size and before and size != before:
+            x = (float(prev["epoch"]) + float(row["epoch"])) / 2
+            for ax in (ax_loss, ax_acc):
+                ax.axvline(x, color="0.45", ls=":", lw=1.2)
+            ax_acc.annotate(
+                f"{size[0]}x{size[1]} px",
+                (x, 0.03),
+                xycoords=("data", "axes fraction"),
+                xytext=(4, 0),
+                textcoords="offset points",
+                fontsize=8,
+                color="0.35",
+            )
+
     # A single epoch gives the x-axis zero width; pad it so the point sits in the middle.
     epochs = {x for line in ax_loss.lines + ax_acc.lines for x in line.get_xdata()}
     if len(epochs) == 1:
