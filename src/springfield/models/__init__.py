@@ -78,13 +78,16 @@ def model_spec(name: str) -> ModelSpec:
         ) from None
 
 
-def check_image_size(name: str, image_size: tuple[int, int]) -> ModelSpec:
-    """The spec of model ``name`` after checking that ``image_size`` is large enough for it."""
+def check_image_size(
+    name: str, image_size: tuple[int, int], flag: str = "--image-size"
+) -> ModelSpec:
+    """The spec of model ``name`` after checking that ``image_size`` (given by ``flag``) is
+    large enough for it."""
     spec = model_spec(name)
     h, w = image_size
     if min(h, w) < spec.min_size:
         raise SpringfieldError(
-            f"--image-size {h} {w}: too small for model {name!r}, which needs at least "
+            f"{flag} {h} {w}: too small for model {name!r}, which needs at least "
             f"{spec.min_size}x{spec.min_size} px (its default is "
             f"{spec.image_size[0]} {spec.image_size[1]})."
         )

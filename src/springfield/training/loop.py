@@ -139,13 +139,8 @@ def _check_early(cfg: TrainConfig) -> None:
             "epochs are part of the total; --preset simpsons sets 70 of 100). Pass a smaller "
             "--early-epochs, or 0 to train at --image-size throughout."
         )
-    spec = model_spec(cfg.model)
+    spec = check_image_size(cfg.model, cfg.early_size, flag="--early-size")
     (h, w), (full_h, full_w) = cfg.early_size, cfg.image_size
-    if min(h, w) < spec.min_size:
-        raise SpringfieldError(
-            f"--early-size {h} {w}: too small for model {cfg.model!r}, which needs at least "
-            f"{spec.min_size}x{spec.min_size} px."
-        )
     if h > full_h or w > full_w:
         raise SpringfieldError(
             f"--early-size {h} {w}: larger than --image-size {full_h} {full_w}; the early "
@@ -402,16 +397,14 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
         run_folder.write_dataset_record(workdir, root, train_split, val_split)
         skipped_files = run_folder.skipped_files(train_split, val_split)
         skipped = len(skipped_files)
+        sizes = f"{image_size[0]}x{image_size[1]}"
+        if cfg.early_epochs:
+            h, w = cfg.early_size
+            sizes += f" (the first {cfg.early_epochs} epochs at {h}x{w})"
         console.print(
             f"[bold]{cfg.model}[/] ({count_params(model):,} parameters) on {n_train} train / "
-            f"{len(val_split.index)} val images of {len(classes)} classes at "
-            f"{image_size[0]}x{image_size[1]}"
-            + (
-                f" (the first {cfg.early_epochs} epochs at {cfg.early_size[0]}x{cfg.early_size[1]})"
-                if cfg.early_epochs
-                else ""
-            )
-            + f"; {cfg.epochs} epochs x {steps_per_epoch} steps "
+            f"{len(val_split.index)} val images of {len(classes)} classes at {sizes}; "
+            f"{cfg.epochs} epochs x {steps_per_epoch} steps "
             f"on {jax.device_count()} device(s), convolutions by {onednn.short_status()}. "
             f"Skipped {skipped} file(s)"
             + (f" (see {workdir / 'skipped.txt'})." if skipped else ".")
