@@ -129,3 +129,17 @@ def test_resnet_hires_adds_one_stride_2_conv_and_keeps_resnet_parameter_names():
     # resnet's checkpoints keep loading: its parameter paths did not change.
     paths = {p[0] for p, _ in nnx.to_flat_state(nnx.state(base, nnx.Param))}
     assert paths == {"stem", "stem_bn", "blocks", "head"}
+
+
+def test_resnet4_adds_a_256_channel_stage_at_a_sixteenth_of_the_input():
+    base = build_model("resnet", 4, image_size=(64, 64))
+    deep = build_model("resnet4", 4, image_size=(112, 112))
+    # One more basic block (128 -> 256, with a 1x1 projection shortcut) and a wider head.
+    block = 3 * 3 * 128 * 256 + 3 * 3 * 256 * 256 + 128 * 256 + 3 * 2 * 256
+    assert count_params(deep) - count_params(base) == block + 4 * (256 - 128)
+    x = deep.act(deep.stem(jnp.ones((1, 112, 112, 3))))
+    for blk in deep.blocks:
+        x = blk(x, train=False)
+    assert x.shape == (1, 7, 7, 256)
+    with pytest.raises(SpringfieldError, match="too small for model 'resnet4'"):
+        build_model("resnet4", 4, image_size=(8, 8))

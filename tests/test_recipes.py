@@ -185,7 +185,7 @@ def test_tta_averages_the_logits_of_the_image_and_its_mirror():
 
 def test_training_with_mixup_and_tta_and_the_simpsons_preset(tiny_folder, tmp_path):
     cfg = preset_config("simpsons")
-    assert cfg.model == "resnet" and cfg.augment == "light" and cfg.label_smoothing == 0.1
+    assert cfg.model == "resnet4" and cfg.augment == "light" and cfg.label_smoothing == 0.1
     workdir = tmp_path / "run"
     assert (
         main(

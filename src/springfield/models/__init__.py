@@ -46,6 +46,14 @@ MODELS: dict[str, ModelSpec] = {
         "wider, deeper residual CNN for real photos",
         any_size=True,
     ),
+    "resnet4": ModelSpec(
+        lambda n, size, act, rngs: ResNet(n, act=act, rngs=rngs, widths=(32, 64, 128, 256)),
+        (96, 96),
+        ResNet.min_size * 2,
+        "resnet with a fourth stage (256 channels at 1/16 of the input): a 95 px receptive "
+        "field instead of 47, for 1.25x the cost",
+        any_size=True,
+    ),
     "resnet-hires": ModelSpec(
         lambda n, size, act, rngs: ResNet(n, act=act, rngs=rngs, stem_convs=2),
         (128, 128),

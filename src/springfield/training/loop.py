@@ -34,6 +34,7 @@ from springfield.data.prepare import Split, decode_split, prepare_splits, resolv
 from springfield.errors import Interrupted, SpringfieldError
 from springfield.kernels import onednn
 from springfield.models import (
+    MODELS,
     build_model,
     check_ensemble,
     check_image_size,
@@ -149,8 +150,9 @@ def _check_early(cfg: TrainConfig) -> None:
     if not spec.any_size:
         raise SpringfieldError(
             f"--early-size: model {cfg.model!r} has a head sized for one input size; "
-            "progressive resizing needs a model with global pooling (resnet, resnet-wide, "
-            "resnet-hires)."
+            "progressive resizing needs a model with global pooling ("
+            + ", ".join(name for name, m in MODELS.items() if m.any_size)
+            + ")."
         )
 
 
