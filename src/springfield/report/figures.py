@@ -10,6 +10,7 @@ never sees half a PNG.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -182,7 +183,7 @@ def plot_curves(history: Sequence[Mapping[str, object]], path: Path) -> Path:
 
     # Progressive resizing: a dotted line where the training images change size, so the jump
     # in the validation curves there reads as the model meeting its new input size.
-    for prev, row in zip(history, history[1:], strict=False):
+    for prev, row in itertools.pairwise(history):
         size, before = row.get("image_size"), prev.get("image_size")
         if size and before and size != before:
             x = (float(prev["epoch"]) + float(row["epoch"])) / 2

@@ -28,7 +28,7 @@ from rich.progress import (
 )
 
 from springfield import parallel
-from springfield.config import TrainConfig, save_json, to_json
+from springfield.config import PRESETS, TrainConfig, save_json, to_json
 from springfield.data.pipeline import eval_dataset, to_iterator, train_dataset
 from springfield.data.prepare import Split, decode_split, prepare_splits, resolve_data_root
 from springfield.errors import Interrupted, SpringfieldError
@@ -135,10 +135,12 @@ def _check_early(cfg: TrainConfig) -> None:
             "count (e.g. --early-size 64 64 --early-epochs 60); 0 turns it off."
         )
     if cfg.early_epochs > cfg.epochs:
+        preset = PRESETS["simpsons"]
         raise SpringfieldError(
             f"--early-epochs {cfg.early_epochs}: more than --epochs {cfg.epochs} (the early "
-            "epochs are part of the total; --preset simpsons sets 70 of 100). Pass a smaller "
-            "--early-epochs, or 0 to train at --image-size throughout."
+            f"epochs are part of the total; --preset simpsons sets {preset['early_epochs']} "
+            f"of {preset['epochs']}). Pass a smaller --early-epochs, or 0 to train at "
+            "--image-size throughout."
         )
     spec = check_image_size(cfg.model, cfg.early_size, flag="--early-size")
     (h, w), (full_h, full_w) = cfg.early_size, cfg.image_size
