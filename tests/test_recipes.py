@@ -11,6 +11,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from PIL import Image
 
 from springfield.cli import main
 from springfield.config import preset_config
@@ -88,6 +89,26 @@ def test_random_erasing_fills_one_box_with_noise_and_leaves_the_rest():
     assert make_augment("light", erase=0.5).crop_scale == make_augment("light").crop_scale
 
 
+def test_random_greyscale_keeps_luma_in_three_equal_channels_at_its_rate():
+    aug = make_augment("none", gray=0.5)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    img.setflags(write=False)
+    grey = np.asarray(Image.fromarray(img).convert("L"))  # Pillow's luma, the reference
+    turned = 0
+    for seed in range(200):
+        out = aug({"image": img, "label": 0}, np.random.default_rng(seed))["image"]
+        assert out.shape == img.shape and out.dtype == np.uint8
+        if np.array_equal(out, img):
+            continue
+        turned += 1
+        assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+        assert np.abs(out[..., 0].astype(int) - grey).max() <= 1
+    assert 70 < turned < 130  # about half of 200
+    light = make_augment("light", gray=0.2)
+    assert light.gray == 0.2 and light.crop_scale == make_augment("light").crop_scale
+
+
 def test_ensemble_members_learn_from_their_own_losses_and_predict_together():
     model = build_model("resnet", 3, image_size=(16, 16), ensemble=2)
     assert isinstance(model, Ensemble) and len(model.members) == 2
@@ -129,9 +150,11 @@ def test_training_an_ensemble_with_cutmix_and_erasing_then_eval_and_resume_check
     args = ["--data", str(tiny_folder), "--workdir", str(workdir), "--epochs", "2"]
     args += ["--image-size", "32", "32", "--batch-size", "8", "--workers", "0"]
     args += ["--ensemble", "2", "--cutmix", "1.0", "--mixup", "0.2", "--erase", "0.5"]
+    args += ["--grayscale", "0.5"]
     assert main(["train", *args, "--no-report", "--no-tensorboard"]) == 0
     saved = json.loads((workdir / "config.json").read_text())
     assert (saved["ensemble"], saved["cutmix"], saved["erase"]) == (2, 1.0, 0.5)
+    assert saved["grayscale"] == 0.5
     trained_eval = json.loads((workdir / "eval.json").read_text())
     capsys.readouterr()
     assert main(["eval", str(workdir), "--json"]) == 0
@@ -139,7 +162,7 @@ def test_training_an_ensemble_with_cutmix_and_erasing_then_eval_and_resume_check
     assert again["num_images"] == trained_eval["num_images"] == 12
     np.testing.assert_allclose(again["loss"], trained_eval["loss"], rtol=1e-5)
     # The checkpoint holds two models: resuming as one (or three) is refused by name.
-    assert main(["train", *args[:-8], "--no-tensorboard"]) == 2
+    assert main(["train", *args[:-10], "--no-tensorboard"]) == 2
     assert "--ensemble 2 (run) vs 1 (now)" in " ".join(capsys.readouterr().err.split())
 
 
@@ -149,6 +172,7 @@ def test_training_an_ensemble_with_cutmix_and_erasing_then_eval_and_resume_check
         (["--ensemble", "0"], "--ensemble 0: must be 1"),
         (["--cutmix", "-1"], "--cutmix -1.0: must be 0"),
         (["--erase", "1.5"], "--erase 1.5: must be a chance between 0 and 1"),
+        (["--grayscale", "-0.1"], "--grayscale -0.1: must be a chance between 0 and 1"),
         (["--early-epochs", "3"], "--early-epochs 3: needs --early-size H W"),
         (
             ["--early-size", "24", "24", "--early-epochs", "99"],
@@ -209,8 +233,6 @@ def test_training_with_mixup_and_tta_and_the_simpsons_preset(tiny_folder, tmp_pa
                 "--early-size",
                 "24",
                 "24",
-                "--early-epochs",
-                "1",
                 "--mixup",
                 "0.3",
                 "--tta",
@@ -222,8 +244,27 @@ def test_training_with_mixup_and_tta_and_the_simpsons_preset(tiny_folder, tmp_pa
     )
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["mixup"] == 0.3 and saved["tta"] is True and saved["lr"] == cfg.lr
+    # --epochs alone scales the preset's early epochs: 60 of 100 -> 1 of 2.
+    assert saved["early_epochs"] == round(cfg.early_epochs * 2 / cfg.epochs) == 1
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["image_size"] for r in rows] == [[24, 24], [32, 32]]
     result = json.loads((workdir / "eval.json").read_text())
     assert result["num_images"] == 12 and np.isfinite(result["loss"])
+
+
+def test_the_simpsons_preset_scales_its_early_epochs_with_epochs_unless_they_are_given(
+    tmp_path, capsys
+):
+    missing = ["--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "run")]
+    assert main(["train", "--preset", "simpsons", "--epochs", "30", *missing]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--early-epochs 18 of --epochs 30" in out and '"early_epochs": 18' in out
+    zero = ["--epochs", "30", "--early-epochs", "0", *missing]
+    assert main(["train", "--preset", "simpsons", *zero]) == 2
+    assert '"early_epochs": 0' in " ".join(capsys.readouterr().out.split())
+    # The preset's own length, and runs without a preset, are left as they are.
+    assert main(["train", "--preset", "simpsons", *missing]) == 2
+    assert '"early_epochs": 60' in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("name", ["seed", "simpsons"])

@@ -85,6 +85,9 @@ class TrainConfig:
     erase: float = 0.0
     """Random erasing: the chance (0-1) that a training image gets a random box (2-25% of its area) filled with noise, in the input workers. Teaches the model to use more than one part of a character."""
 
+    grayscale: float = 0.0
+    """Random greyscale: the chance (0-1) that a training image loses its colours (luma only), in the input workers. Makes the model lean on shapes as well as colours."""
+
     ema: float = 0.0
     """Evaluate and save an exponential moving average of the weights with this decay (0 = off; 0.99-0.999 is common)."""
 

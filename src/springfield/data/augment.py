@@ -17,13 +17,15 @@ from springfield.errors import SpringfieldError
 
 @dataclass(frozen=True)
 class Augment:
-    """Random resized crop, horizontal flip, small rotation, colour jitter, random erasing.
+    """Random resized crop, horizontal flip, small rotation, colour jitter, random greyscale,
+    random erasing.
 
     ``crop_scale`` is the range of the crop's area as a fraction of the image; ``(1, 1)``
     disables cropping. ``rotate`` is the maximum angle in degrees. ``jitter`` scales
     brightness, contrast and saturation by factors in ``[1 - jitter, 1 + jitter]``.
     ``erase`` is the chance of random erasing (Zhong et al., 2020): a box of 2-25% of the
-    image, aspect ratio 0.3-3.3, filled with uniform noise.
+    image, aspect ratio 0.3-3.3, filled with uniform noise. ``gray`` is the chance of
+    replacing the colours by their luma (kept as three channels), after the jitter.
     """
 
     flip: bool = True
@@ -31,6 +33,7 @@ class Augment:
     rotate: float = 0.0
     jitter: float = 0.0
     erase: float = 0.0
+    gray: float = 0.0
 
     def __call__(self, element: dict, rng: np.random.Generator) -> dict:
         img = element["image"]
@@ -59,6 +62,8 @@ class Augment:
             img = img[:, ::-1]
         if self.jitter:
             img = _colour_jitter(img, rng, self.jitter)
+        if self.gray and rng.random() < self.gray:
+            img = _grey(img)
         if self.erase and rng.random() < self.erase:
             img = _erase(img, rng)
         out = {k: v for k, v in element.items() if k != "size"}
@@ -84,6 +89,12 @@ def _colour_jitter(img: np.ndarray, rng: np.random.Generator, s: float) -> np.nd
     x = img.reshape(-1, 3).astype(np.float32) @ mat.T.astype(np.float32)
     x += np.float32(offset)
     return np.clip(x, 0, 255, out=x).astype(np.uint8).reshape(img.shape)
+
+
+def _grey(img: np.ndarray) -> np.ndarray:
+    # ITU-R 601 luma, Pillow's "L" conversion: the weights sum to 1, so no clipping.
+    y = img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.repeat(np.rint(y).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def _erase(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -124,15 +135,15 @@ PRESETS: dict[str, Augment | None] = {
 }
 
 
-def make_augment(name: str, *, erase: float = 0.0) -> Augment | None:
-    """The augmentation preset called ``name`` plus random erasing with chance ``erase``
-    (``None`` when that adds up to no augmentation)."""
+def make_augment(name: str, *, erase: float = 0.0, gray: float = 0.0) -> Augment | None:
+    """The augmentation preset called ``name`` plus random erasing with chance ``erase`` and
+    random greyscale with chance ``gray`` (``None`` when that adds up to no augmentation)."""
     try:
         aug = PRESETS[name]
     except KeyError:
         raise SpringfieldError(
             f"--augment {name!r}: unknown preset; choose one of {', '.join(PRESETS)}."
         ) from None
-    if not erase:
+    if not erase and not gray:
         return aug
-    return replace(aug or Augment(flip=False), erase=erase)
+    return replace(aug or Augment(flip=False), erase=erase, gray=gray)

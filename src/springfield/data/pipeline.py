@@ -87,6 +87,7 @@ def train_dataset(
     seed: int,
     augment: str,
     erase: float = 0.0,
+    gray: float = 0.0,
     early_steps: int = 0,
     early_size: tuple[int, int] | None = None,
     shard_index: int = 0,
@@ -95,9 +96,10 @@ def train_dataset(
     """Shuffled, augmented, batched training stream of ``epochs`` passes.
 
     Each epoch is a new permutation of the training images (grain reshuffles per repeat).
-    ``augment`` names a preset of :mod:`springfield.data.augment`; ``erase`` adds random
-    erasing to it with that chance per image. The first ``early_steps`` batches come out
-    at ``early_size`` (scaled within the crop's resample; progressive resizing).
+    ``augment`` names a preset of :mod:`springfield.data.augment`; ``erase`` and ``gray``
+    add random erasing and random greyscale to it with those chances per image. The first
+    ``early_steps`` batches come out at ``early_size`` (scaled within the crop's resample;
+    progressive resizing).
     With ``shard_count > 1`` (multi-host) each process reads the disjoint slice
     ``shard_index::shard_count`` of the data and ``batch_size`` is its local batch.
     """
@@ -105,7 +107,7 @@ def train_dataset(
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     ds = ds.seed(seed).shuffle().repeat(epochs)
-    aug = make_augment(augment, erase=erase)
+    aug = make_augment(augment, erase=erase, gray=gray)
     if early_steps and early_size is not None:
         ds = ds.map_with_index(EarlySize(early_steps * batch_size, tuple(early_size)))
         aug = aug or Augment(flip=False)  # resizes the tagged images and nothing else

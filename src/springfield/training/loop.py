@@ -118,6 +118,7 @@ def augmented_samples(cfg: TrainConfig, split: Split) -> tuple[np.ndarray, np.nd
         seed=cfg.seed,
         augment=cfg.augment,
         erase=cfg.erase,
+        gray=cfg.grayscale,
     )
     it = to_iterator(ds, workers=0)
     batch = next(it)
@@ -274,8 +275,9 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
     for flag, alpha in (("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix)):
         if alpha < 0:
             raise SpringfieldError(f"{flag} {alpha}: must be 0 (off) or a positive alpha.")
-    if not 0 <= cfg.erase <= 1:
-        raise SpringfieldError(f"--erase {cfg.erase}: must be a chance between 0 and 1.")
+    for flag, chance in (("--erase", cfg.erase), ("--grayscale", cfg.grayscale)):
+        if not 0 <= chance <= 1:
+            raise SpringfieldError(f"{flag} {chance}: must be a chance between 0 and 1.")
     run_folder.make_workdir(workdir)
     if cfg.early_stop < 0:
         raise SpringfieldError(
@@ -369,6 +371,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             seed=cfg.seed,
             augment=cfg.augment,
             erase=cfg.erase,
+            gray=cfg.grayscale,
             early_steps=cfg.early_epochs * steps_per_epoch,
             early_size=cfg.early_size,
             shard_index=jax.process_index(),

@@ -44,6 +44,7 @@ MUST_MATCH = (
     "mixup",
     "cutmix",
     "erase",
+    "grayscale",
     "ema",
     "early_size",
     "early_epochs",
