@@ -40,7 +40,7 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
 
-    from springfield.config import TrainConfig, preset_config
+    from springfield.config import TrainConfig, preset_config, scale_early_epochs
     from springfield.runtime import reexec_with_malloc_env, setup_runtime
 
     # Train in the environment the springfield command gives itself (huge pages for malloc).
@@ -53,6 +53,7 @@ def main() -> None:
     for recipe in args.recipes:
         for seed in args.seeds:
             cfg = tyro.cli(TrainConfig, args=extra, default=preset_config(recipe))
+            cfg = scale_early_epochs(cfg, recipe, extra)
             cfg = dataclasses.replace(
                 cfg,
                 data=args.data,

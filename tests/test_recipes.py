@@ -262,7 +262,10 @@ def test_the_simpsons_preset_scales_its_early_epochs_with_epochs_unless_they_are
     zero = ["--epochs", "30", "--early-epochs", "0", *missing]
     assert main(["train", "--preset", "simpsons", *zero]) == 2
     assert '"early_epochs": 0' in " ".join(capsys.readouterr().out.split())
-    # The preset's own length, and runs without a preset, are left as they are.
+    one = ["--epochs", "1", *missing]  # at least the last epoch at full size
+    assert main(["train", "--preset", "simpsons", *one]) == 2
+    assert '"early_epochs": 0' in " ".join(capsys.readouterr().out.split())
+    # The preset's own length is left as it is.
     assert main(["train", "--preset", "simpsons", *missing]) == 2
     assert '"early_epochs": 60' in " ".join(capsys.readouterr().out.split())
 

@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import tyro
 from rich.console import Console
@@ -23,9 +23,6 @@ from rich.table import Column, Table
 from springfield.errors import Interrupted, SpringfieldError
 from springfield.paths import printable
 from springfield.runtime import reexec_with_malloc_env, setup_runtime
-
-if TYPE_CHECKING:
-    from springfield.config import TrainConfig
 
 USAGE = """usage: springfield {train,eval,predict,report} [--help]
 
@@ -102,7 +99,7 @@ class PredictArgs:
 
 
 def _train(argv: list[str], console: Console) -> None:
-    from springfield.config import TrainConfig, preset_config
+    from springfield.config import TrainConfig, preset_config, scale_early_epochs
     from springfield.training.loop import train
 
     preset = None
@@ -127,33 +124,19 @@ def _train(argv: list[str], console: Console) -> None:
         " --preset simpsons is the recommended recipe for real frames (docs/results.md). Other "
         "flags still override a preset.",
     )
-    cfg = _scale_early_epochs(cfg, preset, rest, console)
+    scaled = scale_early_epochs(cfg, preset, rest)
+    if scaled.early_epochs != cfg.early_epochs:
+        console.print(
+            f"--preset {preset}: --early-epochs {scaled.early_epochs} of --epochs "
+            f"{scaled.epochs} (the preset's share of its epochs)."
+        )
+    cfg = scaled
     console.print_json(
         json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
         )
     )
     train(cfg, console=console)
-
-
-def _scale_early_epochs(
-    cfg: TrainConfig, preset: str | None, typed: list[str], console: Console
-) -> TrainConfig:
-    """A preset's progressive resizing keeps its share of the epochs when only ``--epochs``
-    is changed (``--preset simpsons --epochs 30`` trains 18 of them small, as 60 of 100)."""
-    from springfield.config import PRESETS
-
-    p = PRESETS.get(preset or "", {})
-    if not p.get("early_epochs") or cfg.epochs == p["epochs"]:
-        return cfg
-    if any(a.split("=", 1)[0] in ("--early-epochs", "--early_epochs") for a in typed):
-        return cfg
-    early = round(p["early_epochs"] * cfg.epochs / p["epochs"])
-    console.print(
-        f"--preset {preset}: --early-epochs {early} of --epochs {cfg.epochs} "
-        f"(the preset's {p['early_epochs']} of {p['epochs']}, scaled)."
-    )
-    return dataclasses.replace(cfg, early_epochs=early)
 
 
 def _write_report(trained, split, predictions, result, out_dir: Path, *, samples: bool) -> Path:
