@@ -255,6 +255,21 @@ def test_run_folder_from_another_class_set_is_refused(trained_run, tiny_folder, 
     assert "holds a run with other settings" in msg and "ned_flanders" in msg
 
 
+def test_eval_on_a_folder_with_some_of_the_classes(trained_run, tiny_folder, tmp_path, capsys):
+    # A user's test set (e.g. drawings) may hold only some of the run's classes.
+    some = tmp_path / "some"
+    for name in ("bart_simpson", "lisa_simpson"):
+        shutil.copytree(tiny_folder / name, some / name)
+    capsys.readouterr()
+    assert main(["eval", str(trained_run), "--data", str(some), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["per_class"]) == {"bart_simpson", "lisa_simpson"}
+    assert result["num_images"] == sum(1 for _ in some.rglob("*.jpg"))
+    assert result["classes"] == json.loads((trained_run / "classes.json").read_text())
+    recalls = [s["recall"] for s in result["per_class"].values()]
+    assert result["balanced_accuracy"] == pytest.approx(sum(recalls) / 2)
+
+
 def test_help_explains_flags_and_defaults(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])

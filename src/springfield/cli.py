@@ -189,7 +189,9 @@ def _eval(argv: list[str], console: Console) -> None:
         return
     console.print(
         f"{trained.run_dir} (step {trained.step}) on {split.index.root}: "
-        f"accuracy [bold]{result['accuracy']:.4f}[/], loss {result['loss']:.4f}, "
+        f"accuracy [bold]{result['accuracy']:.4f}[/], balanced accuracy "
+        f"{result['balanced_accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}, "
+        f"loss {result['loss']:.4f}, "
         f"{result['num_images']} images, {len(result['skipped'])} skipped"
     )
     table = Table("class", "precision", "recall", "F1", "support")

@@ -60,10 +60,11 @@ def near_duplicate_groups(
 
 
 def group_split_rows(
-    labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
+    labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int, min_val: int = 1
 ) -> tuple[list[int], list[int]]:
     """Per class, whole groups in seeded random order go to validation until it holds
-    ``round(n_class * val_fraction)`` images (at least one group, never all of them)."""
+    ``max(min_val, round(n_class * val_fraction))`` images (at least one group, never all of
+    them)."""
     rng = np.random.default_rng(seed)
     train_rows: list[int] = []
     val_rows: list[int] = []
@@ -71,7 +72,7 @@ def group_split_rows(
         rows = np.flatnonzero(labels == c)
         ids = np.unique(groups[rows])
         ids = ids[rng.permutation(len(ids))]
-        target = max(1, int(round(len(rows) * val_fraction)))
+        target = max(min_val, int(round(len(rows) * val_fraction)))
         chosen: set[int] = set()
         count = 0
         for g in ids[:-1]:

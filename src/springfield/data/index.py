@@ -166,16 +166,44 @@ def scan_folder(
     return ImageIndex(root, tuple(classes), tuple(paths), tuple(labels), tuple(skipped))
 
 
+# A class's validation share is never below this many images: one or two images would make
+# its recall 0%, 50% or 100% and nothing in between.
+MIN_VAL_IMAGES = 2
+# ... and at least as many as this are left to train on.
+MIN_TRAIN_IMAGES = 3
+
+
+def check_class_sizes(index: ImageIndex) -> None:
+    """Refuse to split a class too small to both train on and validate on.
+
+    Raises:
+        SpringfieldError: naming the smallest such class, its size and the ways out.
+    """
+    need = MIN_VAL_IMAGES + MIN_TRAIN_IMAGES
+    counts = index.counts()
+    small = sorted((n, c) for c, n in counts.items() if n < need)
+    if small:
+        n, name = small[0]
+        others = f" (and {len(small) - 1} more such class(es))" if len(small) > 1 else ""
+        raise SpringfieldError(
+            f"class {name}: only {n} image(s){others}; splitting off validation needs at "
+            f"least {need} per class ({MIN_VAL_IMAGES} to validate on, {MIN_TRAIN_IMAGES} to "
+            "train on). Add images, leave the class out with --classes, or give "
+            "<data>/train and <data>/val folders."
+        )
+
+
 def stratified_split(
     index: ImageIndex, val_fraction: float, seed: int
 ) -> tuple[ImageIndex, ImageIndex]:
     """Seeded split keeping each class's share: ``round(n_c * val_fraction)`` per class go to
-    validation (at least one, and at least one left to train)."""
+    validation (at least ``MIN_VAL_IMAGES``, and at least ``MIN_TRAIN_IMAGES`` left to train)."""
     if not 0.0 < val_fraction < 1.0:
         raise SpringfieldError(
             f"--val-fraction {val_fraction}: must be between 0 and 1 "
             "(e.g. 0.2), or give <data>/train and <data>/val folders."
         )
+    check_class_sizes(index)
     rng = np.random.default_rng(seed)
     labels = np.asarray(index.labels)
     train_rows: list[int] = []
@@ -184,12 +212,7 @@ def stratified_split(
         rows = np.flatnonzero(labels == c)
         rows = rows[rng.permutation(len(rows))]
         n_val = int(round(len(rows) * val_fraction))
-        n_val = min(max(n_val, 1), len(rows) - 1)
-        if len(rows) < 2:
-            raise SpringfieldError(
-                f"class {index.classes[c]}: only {len(rows)} image; need at "
-                "least 2 to split off validation. Add images."
-            )
+        n_val = min(max(n_val, MIN_VAL_IMAGES), len(rows) - MIN_TRAIN_IMAGES)
         val_rows += sorted(rows[:n_val].tolist())
         train_rows += sorted(rows[n_val:].tolist())
     return index.subset(train_rows), index.subset(val_rows)
@@ -203,10 +226,25 @@ def group_split(
 
     if not 0.0 < val_fraction < 1.0:
         raise SpringfieldError(f"--val-fraction {val_fraction}: must be between 0 and 1.")
+    check_class_sizes(index)
     thumbs = np.stack([thumbnail(Path(p)) for p in index.paths])
     labels = np.asarray(index.labels)
     groups = near_duplicate_groups(thumbs, labels, threshold)
-    train_rows, val_rows = group_split_rows(labels, groups, val_fraction, seed)
+    train_rows, val_rows = group_split_rows(
+        labels, groups, val_fraction, seed, min_val=MIN_VAL_IMAGES
+    )
+    val_counts = np.bincount(labels[val_rows], minlength=len(index.classes))
+    train_counts = np.bincount(labels[train_rows], minlength=len(index.classes))
+    for c, name in enumerate(index.classes):
+        if val_counts[c] < MIN_VAL_IMAGES or train_counts[c] < MIN_TRAIN_IMAGES:
+            n = int(val_counts[c] + train_counts[c])
+            raise SpringfieldError(
+                f"class {name}: its {n} images look like too few scenes to split "
+                f"({int(train_counts[c])} to train, {int(val_counts[c])} to validate after "
+                f"keeping near-duplicates together; at least {MIN_TRAIN_IMAGES} and "
+                f"{MIN_VAL_IMAGES} needed). Add images from other scenes, or drop "
+                "--split-by-group (or lower --group-threshold)."
+            )
     return index.subset(train_rows), index.subset(val_rows)
 
 

@@ -253,8 +253,13 @@ def _eval_section(eval_result: Mapping | None) -> str:
         "loss": eval_result.get("loss"),
         "images": eval_result.get("num_images"),
     }
+    # eval.json files written before balanced accuracy existed lack these two keys.
+    if "balanced_accuracy" in eval_result:
+        overall["balanced accuracy"] = _pct(eval_result["balanced_accuracy"])
+        overall["macro-F1"] = eval_result.get("macro_f1")
     per_class: Mapping[str, Mapping] = eval_result.get("per_class") or {}
-    names = list(eval_result.get("classes") or per_class.keys())
+    # Only the classes the evaluated folder holds (a test set may have some of the classes).
+    names = [c for c in (eval_result.get("classes") or per_class) if c in per_class]
     rows = []
     sums = {"precision": 0.0, "recall": 0.0, "f1": 0.0}
     total_support = 0
