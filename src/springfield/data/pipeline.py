@@ -34,6 +34,8 @@ _NO_SHM = 1 << 62
 
 # Tells the augmentation's random stream apart from the shuffle's (both come from --seed).
 _AUGMENT_STREAM = 0x5A
+# ... and the class-balanced sampler's.
+_BALANCE_STREAM = 0xBA
 
 
 class ArraySource:
@@ -78,6 +80,64 @@ class ArraySource:
         }
 
 
+class RowsSource:
+    """A grain source that reads ``base`` in a precomputed order of rows (with repeats)."""
+
+    def __init__(self, base: ArraySource, rows: np.ndarray) -> None:
+        self.base = base
+        self.rows = np.asarray(rows, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"RowsSource({self.base!r}, rows={len(self.rows)})"
+
+    def __getitem__(self, i: int) -> dict:
+        return self.base[int(self.rows[i])]
+
+
+def balanced_rows(labels: np.ndarray, epochs: int, seed: int) -> np.ndarray:
+    """Row order of ``epochs`` class-balanced epochs: every class drawn equally often.
+
+    An epoch keeps its length (``len(labels)`` draws, so steps per epoch do not change) and
+    gives each class an equal share of it (the remainder to classes in a seeded order). A
+    class's draws walk through seeded permutations of its images back to back, so a small
+    class repeats each image before any image repeats twice, and a large class's images are
+    all seen over consecutive epochs. Each epoch is then shuffled. The order depends only on
+    ``labels`` and ``seed``: a resumed run reads the same stream.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _BALANCE_STREAM]))
+    classes = np.unique(labels)
+    members = {int(c): np.flatnonzero(labels == c) for c in classes}
+    queues: dict[int, list[int]] = {int(c): [] for c in classes}
+    n, k = len(labels), len(classes)
+    out = []
+    for _ in range(epochs):
+        quota = np.full(k, n // k)
+        quota[rng.permutation(k)[: n % k]] += 1
+        epoch: list[int] = []
+        for c, q in zip(classes, quota, strict=True):
+            queue = queues[int(c)]
+            while len(queue) < q:
+                queue.extend(members[int(c)][rng.permutation(len(members[int(c)]))].tolist())
+            epoch += queue[:q]
+            del queue[:q]
+        out.append(np.asarray(epoch)[rng.permutation(len(epoch))])
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Loss weight per class, ``n / (num_classes * n_c)`` (scikit-learn's "balanced"):
+    every class then carries the same total weight, and the mean weight over images is 1."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+    weights = np.divide(
+        len(labels), num_classes * counts, out=np.zeros_like(counts), where=counts > 0
+    )
+    return weights.astype(np.float32)
+
+
 def train_dataset(
     npy: Path,
     labels: np.ndarray,
@@ -90,23 +150,32 @@ def train_dataset(
     gray: float = 0.0,
     early_steps: int = 0,
     early_size: tuple[int, int] | None = None,
+    balanced: bool = False,
     shard_index: int = 0,
     shard_count: int = 1,
 ) -> grain.MapDataset:
     """Shuffled, augmented, batched training stream of ``epochs`` passes.
 
-    Each epoch is a new permutation of the training images (grain reshuffles per repeat).
+    Each epoch is a new permutation of the training images (grain reshuffles per repeat),
+    or with ``balanced`` a class-balanced draw of the same length (:func:`balanced_rows`).
     ``augment`` names a preset of :mod:`springfield.data.augment`; ``erase`` and ``gray``
     add random erasing and random greyscale to it with those chances per image. The first
     ``early_steps`` batches come out at ``early_size`` (scaled within the crop's resample;
     progressive resizing).
     With ``shard_count > 1`` (multi-host) each process reads the disjoint slice
-    ``shard_index::shard_count`` of the data and ``batch_size`` is its local batch.
+    ``shard_index::shard_count`` of the data (of the balanced stream, with ``balanced``)
+    and ``batch_size`` is its local batch.
     """
-    ds = grain.MapDataset.source(ArraySource(npy, labels))
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-    ds = ds.seed(seed).shuffle().repeat(epochs)
+    source = ArraySource(npy, labels)
+    if balanced:
+        ds = grain.MapDataset.source(RowsSource(source, balanced_rows(labels, epochs, seed)))
+        if shard_count > 1:
+            ds = ds[shard_index::shard_count]
+    else:
+        ds = grain.MapDataset.source(source)
+        if shard_count > 1:
+            ds = ds[shard_index::shard_count]
+        ds = ds.seed(seed).shuffle().repeat(epochs)
     aug = make_augment(augment, erase=erase, gray=gray)
     if early_steps and early_size is not None:
         ds = ds.map_with_index(EarlySize(early_steps * batch_size, tuple(early_size)))

@@ -110,6 +110,7 @@ def make_train_step(
     skip_nonfinite: bool = False,
     mixup_alpha: float = 0.0,
     cutmix_alpha: float = 0.0,
+    class_weights: Any = None,
 ):
     """``train_step(state, batch, key) -> (state, metrics)``.
 
@@ -123,7 +124,14 @@ def make_train_step(
     ``skip_nonfinite``: for a ``tx`` wrapped in ``optax.apply_if_finite``, which drops the
     parameter update of a step with NaN/inf gradients; the step then also keeps the old
     BatchNorm statistics, which the same bad forward pass would have poisoned.
+
+    ``class_weights`` (one weight per class, e.g. from
+    :func:`springfield.data.pipeline.class_weights`): each example's loss is weighted by its
+    true class's weight and the batch loss divided by the summed weights, as PyTorch's
+    ``CrossEntropyLoss(weight=...)`` does. The reported ``loss_sum`` stays unweighted, so
+    train loss reads the same with and without ``--balance loss``.
     """
+    weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
     def loss_fn(params, rest, batch, key):
         # copy=True: fresh Variables at this trace level, so BatchNorm may update its stats.
@@ -150,7 +158,12 @@ def make_train_step(
             # the metrics describe their averaged prediction, as in evaluation.
             losses = losses.mean(axis=0)
             logits = jax.nn.log_softmax(logits).mean(axis=0)
-        loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        if weights is None:
+            loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        else:
+            w = mask * weights[batch["label"]]
+            total = jnp.sum(w)
+            loss = jnp.sum(losses * w) / jnp.where(total > 0, total, 1.0)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return loss, (new_rest, logits, losses)
 
