@@ -88,6 +88,12 @@ class TrainConfig:
     grayscale: float = 0.0
     """Random greyscale: the chance (0-1) that a training image loses its colours (luma only), in the input workers. Makes the model lean on shapes as well as colours."""
 
+    style: float = 0.0
+    """Drawing-style changes: the chance (0-1) that a training image gets one of posterise, edge-preserving smoothing, dark outlines, a small hue turn (at most 20 degrees) or JPEG re-compression, in the input workers. For recognising drawings, fan art and web pictures as well as frames."""
+
+    balance: Literal["none", "sampler", "loss"] = "none"
+    """Classes of different sizes: none; sampler (each epoch draws every class equally often, small classes repeating their images); loss (class-weighted cross-entropy, weight n / (classes x n_class) per class)."""
+
     ema: float = 0.0
     """Evaluate and save an exponential moving average of the weights with this decay (0 = off; 0.99-0.999 is common)."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from springfield.errors import SpringfieldError
 
@@ -26,6 +26,9 @@ class Augment:
     ``erase`` is the chance of random erasing (Zhong et al., 2020): a box of 2-25% of the
     image, aspect ratio 0.3-3.3, filled with uniform noise. ``gray`` is the chance of
     replacing the colours by their luma (kept as three channels), after the jitter.
+    ``style`` is the chance of one drawing-style change (:func:`stylise`: posterise,
+    edge-preserving smoothing, dark outlines, a small hue turn or JPEG re-compression),
+    after the jitter and before the greyscale.
     """
 
     flip: bool = True
@@ -34,6 +37,7 @@ class Augment:
     jitter: float = 0.0
     erase: float = 0.0
     gray: float = 0.0
+    style: float = 0.0
 
     def __call__(self, element: dict, rng: np.random.Generator) -> dict:
         img = element["image"]
@@ -62,6 +66,9 @@ class Augment:
             img = img[:, ::-1]
         if self.jitter:
             img = _colour_jitter(img, rng, self.jitter)
+        # Only drawn when enabled, so runs without --style keep their random stream.
+        if self.style and rng.random() < self.style:
+            img = stylise(img, rng)
         if self.gray and rng.random() < self.gray:
             img = _grey(img)
         if self.erase and rng.random() < self.erase:
@@ -110,6 +117,52 @@ def _erase(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
+STYLES = ("posterise", "smooth", "outline", "hue", "jpeg")
+# A hue turn beyond this starts to change who it is: Marge's blue hair, Lisa's red dress.
+MAX_HUE_DEGREES = 20.0
+
+
+def stylise(img: np.ndarray, rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
+    """One change of drawing style that keeps who is in the picture (uint8 HWC in and out).
+
+    ``kind`` (default: one of :data:`STYLES` at random):
+
+    * ``posterise``: 2-4 bits per channel, the flat colours of print and fan art;
+    * ``smooth``: a 3x3 or 5x5 median filter, which flattens texture but keeps edges;
+    * ``outline``: dark lines where the luma gradient is strong, as inked drawings have;
+    * ``hue``: the hue turned by at most :data:`MAX_HUE_DEGREES` (other palettes, lighting);
+    * ``jpeg``: re-compressed at quality 15-50, the blocks and ringing of web images.
+    """
+    kind = STYLES[int(rng.integers(len(STYLES)))] if kind is None else kind
+    if kind == "posterise":
+        shift = 8 - int(rng.integers(2, 5))
+        # The middle of each level, not its floor: posterising must not darken the image.
+        return ((img >> shift) << shift) + np.uint8(1 << (shift - 1))
+    pil = Image.fromarray(img)
+    if kind == "smooth":
+        return np.asarray(pil.filter(ImageFilter.MedianFilter(int(rng.choice([3, 5])))))
+    if kind == "outline":
+        edges = np.asarray(pil.convert("L").filter(ImageFilter.FIND_EDGES))
+        lines = edges > rng.uniform(40, 90)
+        # FIND_EDGES sees the image border as an edge: no frame, which would be a cue.
+        lines[[0, -1], :] = lines[:, [0, -1]] = False
+        out = np.array(img)
+        out[lines] = (out[lines] * rng.uniform(0.0, 0.3)).astype(np.uint8)
+        return out
+    if kind == "hue":
+        hsv = np.array(pil.convert("HSV"))
+        turn = rng.uniform(-MAX_HUE_DEGREES, MAX_HUE_DEGREES) / 360 * 256
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(round(turn))) % 256
+        return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+    if kind == "jpeg":
+        import io
+
+        buf = io.BytesIO()
+        pil.save(buf, "JPEG", quality=int(rng.integers(15, 51)))
+        return np.asarray(Image.open(buf).convert("RGB"))
+    raise ValueError(f"unknown style {kind!r}; one of {STYLES}")
+
+
 @dataclass(frozen=True)
 class EarlySize:
     """Tag the first ``until`` elements of the training stream with ``size`` (H, W), which
@@ -135,15 +188,18 @@ PRESETS: dict[str, Augment | None] = {
 }
 
 
-def make_augment(name: str, *, erase: float = 0.0, gray: float = 0.0) -> Augment | None:
-    """The augmentation preset called ``name`` plus random erasing with chance ``erase`` and
-    random greyscale with chance ``gray`` (``None`` when that adds up to no augmentation)."""
+def make_augment(
+    name: str, *, erase: float = 0.0, gray: float = 0.0, style: float = 0.0
+) -> Augment | None:
+    """The augmentation preset called ``name`` plus random erasing with chance ``erase``,
+    random greyscale with chance ``gray`` and a drawing-style change with chance ``style``
+    (``None`` when that adds up to no augmentation)."""
     try:
         aug = PRESETS[name]
     except KeyError:
         raise SpringfieldError(
             f"--augment {name!r}: unknown preset; choose one of {', '.join(PRESETS)}."
         ) from None
-    if not erase and not gray:
+    if not erase and not gray and not style:
         return aug
-    return replace(aug or Augment(flip=False), erase=erase, gray=gray)
+    return replace(aug or Augment(flip=False), erase=erase, gray=gray, style=style)

@@ -148,6 +148,7 @@ def train_dataset(
     augment: str,
     erase: float = 0.0,
     gray: float = 0.0,
+    style: float = 0.0,
     early_steps: int = 0,
     early_size: tuple[int, int] | None = None,
     balanced: bool = False,
@@ -158,8 +159,9 @@ def train_dataset(
 
     Each epoch is a new permutation of the training images (grain reshuffles per repeat),
     or with ``balanced`` a class-balanced draw of the same length (:func:`balanced_rows`).
-    ``augment`` names a preset of :mod:`springfield.data.augment`; ``erase`` and ``gray``
-    add random erasing and random greyscale to it with those chances per image. The first
+    ``augment`` names a preset of :mod:`springfield.data.augment`; ``erase``, ``gray`` and
+    ``style`` add random erasing, random greyscale and drawing-style changes to it with
+    those chances per image. The first
     ``early_steps`` batches come out at ``early_size`` (scaled within the crop's resample;
     progressive resizing).
     With ``shard_count > 1`` (multi-host) each process reads the disjoint slice
@@ -176,7 +178,7 @@ def train_dataset(
         if shard_count > 1:
             ds = ds[shard_index::shard_count]
         ds = ds.seed(seed).shuffle().repeat(epochs)
-    aug = make_augment(augment, erase=erase, gray=gray)
+    aug = make_augment(augment, erase=erase, gray=gray, style=style)
     if early_steps and early_size is not None:
         ds = ds.map_with_index(EarlySize(early_steps * batch_size, tuple(early_size)))
         aug = aug or Augment(flip=False)  # resizes the tagged images and nothing else
