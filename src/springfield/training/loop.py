@@ -29,7 +29,7 @@ from rich.progress import (
 
 from springfield import parallel
 from springfield.config import PRESETS, TrainConfig, save_json, to_json
-from springfield.data.pipeline import eval_dataset, to_iterator, train_dataset
+from springfield.data.pipeline import class_weights, eval_dataset, to_iterator, train_dataset
 from springfield.data.prepare import Split, decode_split, prepare_splits, resolve_data_root
 from springfield.errors import Interrupted, SpringfieldError
 from springfield.kernels import onednn
@@ -119,6 +119,8 @@ def augmented_samples(cfg: TrainConfig, split: Split) -> tuple[np.ndarray, np.nd
         augment=cfg.augment,
         erase=cfg.erase,
         gray=cfg.grayscale,
+        style=cfg.style,
+        balanced=cfg.balance == "sampler",
     )
     it = to_iterator(ds, workers=0)
     batch = next(it)
@@ -204,6 +206,21 @@ def _stop_nonfinite(what: str, workdir: Path, lr: float, saved: int | None) -> N
     )
 
 
+def class_sizes_line(train: Split, val: Split, balance: str) -> str:
+    """Images per class (train/val) as the run saw them, and a hint when they differ a lot."""
+    tr, va = train.index.counts(), val.index.counts()
+    line = "Images per class (train/val): " + ", ".join(f"{c} {tr[c]}/{va[c]}" for c in tr)
+    sizes = [n for n in tr.values() if n]
+    ratio = max(sizes) / min(sizes) if sizes else 1.0
+    if ratio >= 2:
+        line += f". The largest class is {ratio:.1f}x the smallest: " + (
+            "--balance sampler or --balance loss evens them out."
+            if balance == "none"
+            else f"balanced by --balance {balance}."
+        )
+    return line
+
+
 def _epoch_row(
     epoch: int,
     step: int,
@@ -224,6 +241,8 @@ def _epoch_row(
         "train_accuracy": train["correct"] / train["count"],
         "val_loss": val["loss"],
         "val_accuracy": val["accuracy"],
+        "val_balanced_accuracy": val["balanced_accuracy"],
+        "val_macro_f1": val["macro_f1"],
         "train_img_s": images / seconds,
         "epoch_seconds": seconds,
         "input_wait_fraction": wait / seconds,
@@ -358,6 +377,9 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
         skip_nonfinite=cfg.skip_nonfinite,
         mixup_alpha=cfg.mixup,
         cutmix_alpha=cfg.cutmix,
+        class_weights=(
+            class_weights(train_split.labels, len(classes)) if cfg.balance == "loss" else None
+        ),
     )
     eval_step = make_eval_step(graphdef, tta=cfg.tta)
     key = jax.random.key(cfg.seed)
@@ -372,6 +394,8 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             augment=cfg.augment,
             erase=cfg.erase,
             gray=cfg.grayscale,
+            style=cfg.style,
+            balanced=cfg.balance == "sampler",
             early_steps=cfg.early_epochs * steps_per_epoch,
             early_size=cfg.early_size,
             shard_index=jax.process_index(),
@@ -416,6 +440,7 @@ def _train(cfg: TrainConfig, console: Console) -> Path:
             f"Skipped {skipped} file(s)"
             + (f" (see {workdir / 'skipped.txt'})." if skipped else ".")
         )
+        console.print(class_sizes_line(train_split, val_split, cfg.balance), highlight=False)
         for path, reason in skipped_files[:_SHOW_SKIPPED]:
             console.print(
                 f"  skipped {printable(path)}: {printable(reason)}", highlight=False, soft_wrap=True

@@ -161,7 +161,9 @@ def make_train_step(
         if weights is None:
             loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
         else:
-            w = mask * weights[batch["label"]]
+            # A one-hot product, not a gather: a gather of sharded labels needs its output
+            # sharding spelled out, this follows the batch's on its own.
+            w = mask * (jax.nn.one_hot(batch["label"], weights.shape[0]) @ weights)
             total = jnp.sum(w)
             loss = jnp.sum(losses * w) / jnp.where(total > 0, total, 1.0)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
