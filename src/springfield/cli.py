@@ -99,8 +99,8 @@ class PredictArgs:
 
 
 def _train(argv: list[str], console: Console) -> None:
+    from springfield.api import train
     from springfield.config import TrainConfig, preset_config, scale_early_epochs
-    from springfield.training.loop import train
 
     preset = None
     rest: list[str] = []
