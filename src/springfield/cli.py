@@ -99,8 +99,8 @@ class PredictArgs:
 
 
 def _train(argv: list[str], console: Console) -> None:
+    from springfield.api import train
     from springfield.config import TrainConfig, preset_config, scale_early_epochs
-    from springfield.training.loop import train
 
     preset = None
     rest: list[str] = []
@@ -147,7 +147,7 @@ def _write_report(trained, split, predictions, result, out_dir: Path, *, samples
 
     sample_batch = None
     if samples:
-        from springfield.training.loop import augmented_samples
+        from springfield.training.inputs import augmented_samples
 
         sample_batch = augmented_samples(trained.config, split)
     dataset = {

@@ -134,7 +134,7 @@ def evaluate_data(
     result)``, where ``result`` is :func:`~springfield.training.metrics.summarise`'s plus the
     skipped files."""
     from springfield.data.prepare import prepare_folder, prepare_splits, resolve_data_root
-    from springfield.training.loop import run_eval
+    from springfield.training.evaluation import run_eval
     from springfield.training.metrics import summarise
 
     cfg = trained.config

@@ -1,8 +1,16 @@
 """Activation functions by name, plus ``module:function`` for a user's own.
 
-Adding one is a single line in ``ACTIVATIONS``; comparing them is ``--activation NAME``.
-A ``module:function`` name is imported only when a user names it (a run folder can never
-make springfield import code on its own).
+An activation is any function from an array to an array of the same shape. Adding one is a
+line in ``ACTIVATIONS`` here, or from your own code (a notebook)::
+
+    @springfield.register_activation
+    def squareplus(x):
+        return (x + jnp.sqrt(x * x + 4)) / 2
+
+after which ``activation="squareplus"`` trains with it in this process. From the command line
+(another process) name it as ``module:function`` (``--activation mypkg.acts:squareplus``):
+that module is imported only when a user names it (a run folder can never make springfield
+import code on its own).
 """
 
 from __future__ import annotations
@@ -39,6 +47,33 @@ ACTIVATIONS: dict[str, Activation] = {
     "tanh": jnp.tanh,
     "sigmoid": jax.nn.sigmoid,
 }
+_BUILTIN = frozenset(ACTIVATIONS)
+
+
+def register_activation(fn: Activation | None = None, *, name: str | None = None):
+    """Add ``fn`` to :data:`ACTIVATIONS` under ``name`` (default: its ``__name__``).
+
+    Use as ``register_activation(fn)``, ``register_activation(fn, name="sq")`` or as a
+    decorator, with or without ``name=``. Returns ``fn``. Re-registering a name replaces it;
+    the names springfield ships with cannot be replaced.
+    """
+
+    def add(f: Activation) -> Activation:
+        key = name or getattr(f, "__name__", None)
+        if not callable(f) or not key or key == "<lambda>":
+            raise SpringfieldError(
+                f"register_activation({f!r}): pass a function, and name= for a lambda."
+            )
+        if ":" in key:
+            raise SpringfieldError(f"register_activation: name {key!r} may not contain ':'.")
+        if key in _BUILTIN and ACTIVATIONS.get(key) is not f:
+            raise SpringfieldError(
+                f"register_activation: {key!r} is one of springfield's own; choose another name."
+            )
+        ACTIVATIONS[key] = f
+        return f
+
+    return add if fn is None else add(fn)
 
 
 def get_activation(name: str) -> Activation:

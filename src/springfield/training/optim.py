@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
@@ -16,10 +17,44 @@ if TYPE_CHECKING:
 
 # Optimizers whose own weight_decay argument is the decoupled (AdamW-style) kind.
 _DECOUPLED = {"adamw", "lion", "lamb", "adan", "novograd"}
-_ALIASES = {
+OptimizerFactory = Callable[[optax.Schedule], optax.GradientTransformation]
+# Named optimizers beyond optax's own functions: ``name -> factory(schedule)``. Add yours
+# with :func:`register_optimizer`; every optax optimizer is available by name without it.
+OPTIMIZERS: dict[str, OptimizerFactory] = {
     "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
     "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
 }
+
+
+def register_optimizer(
+    fn: OptimizerFactory | None = None, *, name: str | None = None
+) -> OptimizerFactory | Callable[[OptimizerFactory], OptimizerFactory]:
+    """Add an optimizer, ``factory(schedule) -> optax.GradientTransformation``, under
+    ``name`` (default: its ``__name__``), e.g.::
+
+        @springfield.register_optimizer
+        def sgd_half(lr):
+            return optax.sgd(lr, momentum=0.5)
+
+    ``--weight-decay`` is then added to its gradient as L2. Use as a function or a
+    decorator; returns the factory.
+    """
+
+    def add(f: OptimizerFactory) -> OptimizerFactory:
+        key = name or getattr(f, "__name__", None)
+        if not callable(f) or not key or key == "<lambda>":
+            raise SpringfieldError(
+                f"register_optimizer({f!r}): pass a function, and name= for a lambda."
+            )
+        OPTIMIZERS[key] = f
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def optimizer_names() -> list[str]:
+    """Every name ``--optimizer`` accepts: the registered ones, then optax's."""
+    return [*OPTIMIZERS, *(n for n in _optax_names() if n not in OPTIMIZERS)]
 
 
 def _optax_names() -> list[str]:
@@ -72,14 +107,14 @@ def make_optimizer(
     for all others it is added to the gradient as L2 on every parameter, as the tutorial
     and ``torch.optim`` do.
     """
-    if name in _ALIASES:
-        tx = _ALIASES[name](schedule)
+    if name in OPTIMIZERS:
+        tx = OPTIMIZERS[name](schedule)
     elif name in _DECOUPLED:
         return getattr(optax, name)(schedule, weight_decay=weight_decay)
     else:
         fn = getattr(optax, name, None) if not name.startswith("_") else None
         if fn is None or name not in _optax_names():
-            choices = ", ".join([*_ALIASES, *_optax_names()])
+            choices = ", ".join(optimizer_names())
             raise SpringfieldError(f"--optimizer {name!r}: unknown; choose one of {choices}.")
         tx = fn(schedule)
     if weight_decay:

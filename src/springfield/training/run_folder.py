@@ -1,20 +1,18 @@
-"""The run folder: its name, its record files, the resume check and the end-of-run report.
+"""The run folder: its name, its record files and the resume check.
 
 Everything here reads or writes files in ``--workdir`` apart from checkpoints
-(``checkpoint.py``) and the per-epoch metrics (``history.py``).
+(``checkpoint.py``), the per-epoch metrics (``history.py``) and the end-of-run files
+(``final.py``).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
 import jax
-import numpy as np
-from rich.console import Console
 
 from springfield.config import TrainConfig, save_json, to_json
 from springfield.data.prepare import Split
@@ -131,29 +129,11 @@ def truncate_metrics(workdir: Path, last_epoch: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def write_report(
-    cfg: TrainConfig,
-    workdir: Path,
-    train_split: Split,
-    val_split: Split,
-    final: dict,
-    predictions: tuple,
-    console: Console,
+def write_run_record(
+    workdir: Path, cfg: TrainConfig, root: Path, train: Split, val: Split, extra: dict | None = None
 ) -> None:
-    """Figures and report.html of a finished run (``report/``), timed on the console."""
-    from springfield.report.run import write_run_report
-    from springfield.training.loop import augmented_samples
-
-    t0 = time.perf_counter()
-    write_run_report(
-        workdir,
-        run_dir=workdir,
-        classes=list(train_split.index.classes),
-        eval_result=final,
-        images=np.load(val_split.npy, mmap_mode="r"),
-        predictions=predictions,
-        samples=augmented_samples(cfg, train_split),
-        config=to_json(cfg),
-        dataset=json.loads((workdir / "dataset.json").read_text()),
-    )
-    console.print(f"Report: {workdir / 'report.html'} ({time.perf_counter() - t0:.1f} s)")
+    """``config.json`` (``cfg``, plus ``extra`` keys such as the LR finder's record),
+    ``classes.json``, ``dataset.json`` and ``skipped.txt``."""
+    save_json({**to_json(cfg), **(extra or {})}, workdir / "config.json")
+    save_json(list(train.index.classes), workdir / "classes.json")
+    write_dataset_record(workdir, root, train, val)

@@ -1,0 +1,164 @@
+"""The body of one epoch: its train steps (with mid-epoch checkpoints), its evaluation and its
+row of ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+
+from springfield import parallel
+from springfield.config import TrainConfig
+from springfield.training import history, nonfinite, resume
+from springfield.training.evaluation import run_eval
+from springfield.training.inputs import RunData
+from springfield.training.interrupts import StopRequest
+from springfield.training.metrics import summarise
+from springfield.training.resume import Position, Setup
+from springfield.training.steps import eval_params
+
+
+@dataclass(frozen=True)
+class EpochTiming:
+    """Wall time of an epoch's train steps and the part of it spent waiting for input."""
+
+    first_step: int
+    seconds: float
+    wait: float
+
+
+def train_epoch(
+    setup: Setup,
+    pos: Position,
+    train_step: Callable,
+    key: jax.Array,
+    stop: StopRequest,
+    on_loss: Callable[[int, float], None],
+) -> EpochTiming:
+    """Run the train steps from ``pos.step`` to the end of its epoch, or until ``stop`` is
+    set. Saves the ``--checkpoint-every`` checkpoints; ``on_loss(step, loss)`` every 10
+    steps (reading the loss syncs with the device)."""
+    cfg = setup.cfg
+    epoch_end = (pos.step // setup.steps_per_epoch + 1) * setup.steps_per_epoch
+    t_epoch, wait, first = time.perf_counter(), 0.0, pos.step
+    for _ in range(epoch_end - pos.step):
+        t0 = time.perf_counter()
+        batch = next(setup.data_iter)
+        wait += time.perf_counter() - t0
+        pos.state, m = train_step(pos.state, parallel.shard_batch(batch, setup.mesh), key)
+        pos.sums.append(m)
+        pos.step += 1
+        step = pos.step
+        save_now = (
+            cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step != epoch_end
+        )
+        if step % 10 == 0 or step == epoch_end or save_now or stop:
+            # Reading the loss syncs with the device: only every 10 steps, and before any
+            # checkpoint, so that no checkpoint holds a NaN state.
+            loss = float(m["loss_sum"]) / max(float(m["count"]), 1.0)
+            if not cfg.skip_nonfinite:
+                nonfinite.check_losses(
+                    pos.sums[pos.checked :],
+                    step - len(pos.sums) + pos.checked + 1,
+                    cfg.workdir,
+                    cfg.lr,
+                    pos.saved,
+                )
+            pos.checked = len(pos.sums)
+            on_loss(step, loss)
+            if save_now:
+                resume.save(setup, pos, mid_epoch=True)
+            if stop:
+                break
+    return EpochTiming(first, time.perf_counter() - t_epoch, wait)
+
+
+def evaluate_epoch(
+    setup: Setup,
+    pos: Position,
+    eval_step: Callable,
+    data: RunData,
+    timing: EpochTiming,
+    lr: float,
+) -> dict:
+    """Evaluate the finished epoch exactly and return its row of ``metrics.jsonl``."""
+    cfg = setup.cfg
+    epoch = pos.step // setup.steps_per_epoch
+    early = data.early_val is not None and epoch <= cfg.early_epochs
+    _, labels, probs, losses = run_eval(
+        eval_step,
+        eval_params(pos.state),
+        pos.state.rest,
+        data.early_val if early else data.val,
+        cfg.batch_size,
+        setup.mesh,
+    )
+    row = epoch_row(
+        epoch,
+        pos.step,
+        lr,
+        history.epoch_totals(pos.sums),
+        summarise(labels, probs, losses, setup.classes),
+        images=(pos.step - timing.first_step) * cfg.batch_size,
+        seconds=timing.seconds,
+        wait=timing.wait,
+    )
+    if cfg.early_epochs:
+        row["image_size"] = list(cfg.early_size if early else cfg.image_size)
+    if cfg.skip_nonfinite:
+        row["skipped_updates"] = int(pos.state.opt_state.total_notfinite)
+    return row
+
+
+def end_epoch(setup: Setup, pos: Position, row: dict) -> None:
+    """Record the epoch's row and save its checkpoint."""
+    # The row goes into the checkpoint first: a resume rebuilds metrics.jsonl from the
+    # checkpoint, so each epoch's row appears exactly once.
+    pos.history.append(row)
+    resume.save(setup, pos, mid_epoch=False)
+    pos.sums, pos.checked = [], 0
+    if setup.is_main:
+        history.append_metrics(setup.cfg.workdir, row)
+
+
+def epoch_row(
+    epoch: int,
+    step: int,
+    lr: float,
+    train: dict,
+    val: dict,
+    *,
+    images: int,
+    seconds: float,
+    wait: float,
+) -> dict:
+    """One line of ``metrics.jsonl``: epoch totals of the train steps and the evaluation."""
+    return {
+        "epoch": epoch,
+        "step": step,
+        "lr": lr,
+        "train_loss": train["loss_sum"] / train["count"],
+        "train_accuracy": train["correct"] / train["count"],
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "val_balanced_accuracy": val["balanced_accuracy"],
+        "val_macro_f1": val["macro_f1"],
+        "train_img_s": images / seconds,
+        "epoch_seconds": seconds,
+        "input_wait_fraction": wait / seconds,
+    }
+
+
+def stopped_early(epoch_rows: list[dict], cfg: TrainConfig) -> dict | None:
+    """The best epoch's row when ``--early-stop`` ends the run after ``epoch_rows``, else None.
+
+    Derived from the epoch history alone, so a resumed run stops at the same epoch.
+    """
+    # Validation losses at the --early-size compare with each other, not with full size.
+    rows = [r for r in epoch_rows if r["epoch"] > cfg.early_epochs]
+    if cfg.early_stop <= 0 or not rows:
+        return None
+    best = min(rows, key=lambda r: r["val_loss"])
+    return best if rows[-1]["epoch"] - best["epoch"] >= cfg.early_stop else None
