@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -37,6 +38,16 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per seed")
     parser.add_argument("--workdir", type=Path, default=None, help="keep run folders here")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--watch",
+        default="maggie_simpson",
+        help="a class whose recall and precision get columns of their own (the small class)",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="each run decodes into a new, empty cache: wall time as a new user meets it",
+    )
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
 
@@ -64,6 +75,8 @@ def main() -> None:
                 classes=tuple(args.classes) if args.classes else None,
                 workdir=base / f"{recipe}-seed{seed}",
             )
+            if args.cold:
+                os.environ["SPRINGFIELD_CACHE"] = tempfile.mkdtemp(prefix="springfield-cold-")
             t0 = time.perf_counter()
             run = train(cfg)
             wall = time.perf_counter() - t0
@@ -86,6 +99,9 @@ def main() -> None:
                     "epochs": cfg.epochs,
                     "wall_s": round(wall, 1),
                     "val_accuracy": result["accuracy"],
+                    "balanced_accuracy": result["balanced_accuracy"],
+                    "macro_f1": result["macro_f1"],
+                    "watch": result["per_class"].get(args.watch),
                     "val_images": result["num_images"],
                     "drawn_accuracy": drawn,
                     "f1": {c: round(v["f1"], 3) for c, v in result["per_class"].items()},
@@ -100,6 +116,9 @@ def main() -> None:
         "epochs",
         "wall time (s)",
         "val acc",
+        "bal acc",
+        "macro-F1",
+        f"{args.watch.split('_')[0]} R / P",
         "val n",
         "drawn acc",
         *[f"F1 {c.split('_')[0]}" for c in classes],
@@ -114,6 +133,11 @@ def main() -> None:
             r["epochs"],
             r["wall_s"],
             f"{r['val_accuracy']:.4f}",
+            f"{r['balanced_accuracy']:.4f}",
+            f"{r['macro_f1']:.4f}",
+            "-"
+            if r["watch"] is None
+            else f"{r['watch']['recall']:.3f} / {r['watch']['precision']:.3f}",
             r["val_images"],
             "-" if r["drawn_accuracy"] is None else f"{r['drawn_accuracy']:.3f}",
             *[r["f1"][c] for c in classes],
