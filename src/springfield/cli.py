@@ -20,16 +20,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
+from springfield.config import TrainConfig
 from springfield.errors import Interrupted, SpringfieldError
 from springfield.paths import printable
 from springfield.runtime import reexec_with_malloc_env, setup_runtime
 
-USAGE = """usage: springfield {train,eval,predict,report} [--help]
+USAGE = """usage: springfield {train,eval,predict,report,lr-find,compare} [--help]
 
   train     train a classifier on a folder of images (no --data: built-in Simpsons set)
   eval      evaluate a run folder on its validation split or on --data DIR
   predict   top-k classes for images or folders of images
   report    regenerate a run's plots and report.html
+  lr-find   learning-rate range test: plot loss vs rate, suggest a rate (train --lr auto)
+  compare   train every combination of --vary settings (and --seeds), one summary
 
 springfield COMMAND --help explains every flag and its default.
 """
@@ -98,10 +101,29 @@ class PredictArgs:
     """Allow importing the run's custom module:function activation (runs that module)."""
 
 
-def _train(argv: list[str], console: Console) -> None:
-    from springfield.api import train
-    from springfield.config import TrainConfig, preset_config, scale_early_epochs
+@dataclass(frozen=True)
+class LrFindArgs(TrainConfig):
+    """Learning-rate range test (Smith 2017, fastai lr_find): from a fresh model of these train flags, train one batch per step while the rate grows exponentially from --start-lr to --end-lr; stop when the smoothed loss exceeds 4x its minimum. Writes lr_find.png (smoothed loss vs rate, log axis, the suggestion marked) and lr_find.json into --workdir (default runs/lr-find-<timestamp>) and prints the suggested --lr by fastai's valley rule: a little past the middle of the longest stretch where the smoothed loss keeps falling. --lr itself is not used."""
 
+    start_lr: float = 1e-6
+    """First learning rate of the sweep."""
+
+    end_lr: float = 10.0
+    """Last learning rate of the sweep (it stops earlier when the loss diverges)."""
+
+    steps: int = 100
+    """Train steps (batches) in the sweep, one rate each."""
+
+
+_PRESETS_HELP = (
+    " Presets: --preset seed is the original tutorial's recipe (seed CNN at 160x120, SGD "
+    "momentum 0.9, lr 0.01, L2 5e-4, 50 epochs); --preset simpsons is the recommended recipe "
+    "for real frames (docs/results.md). Other flags still override a preset."
+)
+
+
+def _split_preset(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``--preset NAME`` out of ``argv``, and the other arguments."""
     preset = None
     rest: list[str] = []
     it = iter(argv)
@@ -114,15 +136,32 @@ def _train(argv: list[str], console: Console) -> None:
             preset = a.split("=", 1)[1]
         else:
             rest.append(a)
+    return preset, rest
+
+
+def _with_preset(cls: type, preset: str | None):
+    """An instance of ``cls`` (TrainConfig or a subclass) holding ``preset``'s settings."""
+    from springfield.config import preset_config
+
+    base = preset_config(preset)
+    return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+
+
+def _as_train_config(args: TrainConfig) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def _train(argv: list[str], console: Console) -> None:
+    from springfield.api import train
+    from springfield.config import preset_config, scale_early_epochs
+
+    preset, rest = _split_preset(argv)
     cfg = tyro.cli(
         TrainConfig,
         args=rest,
         default=preset_config(preset),
         prog="springfield train",
-        description=(TrainConfig.__doc__ or "") + " Presets: --preset seed is the original "
-        "tutorial's recipe (seed CNN at 160x120, SGD momentum 0.9, lr 0.01, L2 5e-4, 50 epochs);"
-        " --preset simpsons is the recommended recipe for real frames (docs/results.md). Other "
-        "flags still override a preset.",
+        description=(TrainConfig.__doc__ or "") + _PRESETS_HELP,
     )
     scaled = scale_early_epochs(cfg, preset, rest)
     if scaled.early_epochs != cfg.early_epochs:
@@ -282,7 +321,29 @@ def _predict(argv: list[str], console: Console) -> None:
             console.print(f"[yellow]{escape(printable(str(path)))}: skipped ({reason})[/]")
 
 
-COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "report": _report}
+def _lr_find(argv: list[str], console: Console) -> None:
+    from springfield.api import lr_find
+    from springfield.config import scale_early_epochs
+
+    preset, rest = _split_preset(argv)
+    args = tyro.cli(
+        LrFindArgs,
+        args=rest,
+        default=_with_preset(LrFindArgs, preset),
+        prog="springfield lr-find",
+        description=(LrFindArgs.__doc__ or "") + _PRESETS_HELP,
+    )
+    cfg = scale_early_epochs(_as_train_config(args), preset, rest)
+    lr_find(cfg, console=console, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+
+
+COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "predict": _predict,
+    "report": _report,
+    "lr-find": _lr_find,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
