@@ -216,3 +216,44 @@ def lr_find(
     make_workdir(cfg.workdir)
     console = Console(quiet=True) if quiet else console or Console()
     return finder.lr_find(cfg, cfg.workdir, console, start_lr=start_lr, end_lr=end_lr, steps=steps)
+
+
+def compare(
+    config: TrainConfig | dict | None = None,
+    /,
+    *,
+    vary: dict[str, list],
+    seeds: tuple[int, ...] | list[int] = (0,),
+    workdir: str | Path,
+    preset: str | None = None,
+    console: Console | None = None,
+    quiet: bool = False,
+    **overrides: Any,
+) -> dict:
+    """Train every combination of ``vary`` once per seed and summarise, as
+    ``springfield compare`` does::
+
+        summary = springfield.compare(
+            vary={"activation": ["relu", "gelu", squareplus_name]}, seeds=[0, 1],
+            workdir="runs/acts", epochs=8,
+        )
+
+    Each run goes to ``<workdir>/<variant>/seed<k>``; ``summary.json``/``.md``,
+    ``curves.png`` and ``compare.html`` to ``workdir``. Calling it again skips finished runs
+    and resumes the interrupted one.
+
+    Returns:
+        ``summary.json``'s content: per variant, each number's ``mean``, ``std``, ``min``,
+        ``max`` and per-seed ``values`` over the seeds.
+    """
+    from rich.console import Console
+
+    from springfield.compare import compare as run_compare
+    from springfield.compare import variants_from_values
+    from springfield.runtime import setup_runtime
+
+    base = make_config(config, preset=preset, **overrides)
+    variants = variants_from_values(base, vary)
+    setup_runtime()
+    console = Console(quiet=True) if quiet else console or Console()
+    return run_compare(variants, list(seeds), Path(workdir), console=console)

@@ -115,6 +115,17 @@ class LrFindArgs(TrainConfig):
     """Train steps (batches) in the sweep, one rate each."""
 
 
+@dataclass(frozen=True)
+class CompareArgs(TrainConfig):
+    """Train every combination of the --vary settings (one value of each), once per seed, with the same data, split and epochs, one after another; each run is an ordinary run folder <workdir>/<variant>/seed<k>. Then write summary.md, summary.json (per variant: final and best validation accuracy, validation loss, train time, img/s, epochs to 90% of the best accuracy; mean and spread over seeds, from each run's metrics.jsonl), curves.png and compare.html into --workdir (default runs/compare-<timestamp>). Every other flag is a train flag and applies to all variants. Every variant is checked before the first trains. Running the same command again skips finished runs and resumes the interrupted one."""
+
+    vary: tyro.conf.UseAppendAction[tuple[str, ...]] = ()
+    """NAME=V1,V2,...: a train flag and its values, e.g. --vary activation=relu,gelu,mypkg.acts:squareplus --vary optimizer=adamw,lion (repeat for more; every combination runs). Tuples as "image_size=64 64,96 96" or image_size=64x64,96x96; booleans as tta=true,false."""
+
+    seeds: tuple[int, ...] = ()
+    """Seeds to run each variant with (split, initialisation, shuffling and augmentation), e.g. --seeds 0 1 2. Default: --seed."""
+
+
 _PRESETS_HELP = (
     " Presets: --preset seed is the original tutorial's recipe (seed CNN at 160x120, SGD "
     "momentum 0.9, lr 0.01, L2 5e-4, 50 epochs); --preset simpsons is the recommended recipe "
@@ -337,12 +348,47 @@ def _lr_find(argv: list[str], console: Console) -> None:
     lr_find(cfg, console=console, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
 
 
+def _compare(argv: list[str], console: Console) -> None:
+    import shlex
+    from datetime import datetime
+
+    from springfield.compare import compare, variants_from_flags
+
+    preset, rest = _split_preset(argv)
+    args = tyro.cli(
+        CompareArgs,
+        args=rest,
+        default=_with_preset(CompareArgs, preset),
+        prog="springfield compare",
+        description=(CompareArgs.__doc__ or "") + _PRESETS_HELP,
+    )
+    if not args.vary:
+        raise SpringfieldError(
+            "compare: give at least one --vary NAME=V1,V2 (e.g. --vary activation=relu,gelu)."
+        )
+    workdir = args.workdir or Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    base = dataclasses.replace(_as_train_config(args), workdir=None)
+    variants = variants_from_flags(base, args.vary, preset=preset, typed=rest)
+    console.print(
+        f"Comparing {len(variants)} variant(s) x {len(args.seeds or (args.seed,))} seed(s) "
+        f"in {workdir} (run the same command again to resume)."
+    )
+    compare(
+        variants,
+        args.seeds or (args.seed,),
+        workdir,
+        console=console,
+        command=shlex.join(["springfield", "compare", *argv]),
+    )
+
+
 COMMANDS = {
     "train": _train,
     "eval": _eval,
     "predict": _predict,
     "report": _report,
     "lr-find": _lr_find,
+    "compare": _compare,
 }
 
 
