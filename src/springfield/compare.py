@@ -312,7 +312,7 @@ _COLUMNS = (
     ("final_val_accuracy", "final val acc", "pct"),
     ("best_val_accuracy", "best val acc", "pct"),
     ("final_val_loss", "final val loss", "f4"),
-    ("train_seconds", "train s", "f0"),
+    ("train_seconds", "train s", "f1"),
     ("img_s", "img/s", "f0"),
     ("epochs_to_90pct_best", "epochs to 90% of best", "f1"),
 )
