@@ -176,3 +176,42 @@ def test_bad_vary_is_refused_before_anything_trains(vary, message, tiny_folder, 
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_vary_values_parse_as_train_flags_do():
+    from springfield.comparison import parse_setting, variants_from_flags
+    from springfield.config import TrainConfig
+    from springfield.errors import SpringfieldError
+
+    base = TrainConfig()
+    assert parse_setting(base, "image_size", "64x48").image_size == (64, 48)
+    assert parse_setting(base, "image_size", "96 96").image_size == (96, 96)
+    assert parse_setting(base, "tta", "true").tta is True
+    assert parse_setting(base, "report", "off").report is False
+    assert parse_setting(base, "lr", "auto").lr == "auto"
+    assert parse_setting(base, "augment", "standard").augment == "standard"
+    with pytest.raises(SpringfieldError, match="'maybe' is not a valid value of --tta"):
+        parse_setting(base, "tta", "maybe")
+    with pytest.raises(SpringfieldError, match="'huge' is not a valid value of --augment"):
+        parse_setting(base, "augment", "huge")
+    variants = variants_from_flags(base, ["lr=1e-3,3e-3", "batch-size=16,32"])
+    assert [v.name for v in variants] == [
+        "lr=1e-3,batch_size=16",
+        "lr=1e-3,batch_size=32",
+        "lr=3e-3,batch_size=16",
+        "lr=3e-3,batch_size=32",
+    ]
+    assert [(v.config.lr, v.config.batch_size) for v in variants] == [
+        (1e-3, 16),
+        (1e-3, 32),
+        (3e-3, 16),
+        (3e-3, 32),
+    ]
+
+
+def test_python_compare_refuses_an_unknown_setting(tmp_path):
+    import springfield
+
+    with pytest.raises(springfield.SpringfieldError, match="'colour'.*not a TrainConfig field"):
+        springfield.compare(vary={"colour": ["red"]}, workdir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()

@@ -248,8 +248,8 @@ def compare(
     """
     from rich.console import Console
 
-    from springfield.compare import compare as run_compare
-    from springfield.compare import variants_from_values
+    from springfield.comparison import compare as run_compare
+    from springfield.comparison import variants_from_values
     from springfield.runtime import setup_runtime
 
     base = make_config(config, preset=preset, **overrides)

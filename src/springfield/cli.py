@@ -352,7 +352,7 @@ def _compare(argv: list[str], console: Console) -> None:
     import shlex
     from datetime import datetime
 
-    from springfield.compare import compare, variants_from_flags
+    from springfield.comparison import compare, variants_from_flags
 
     preset, rest = _split_preset(argv)
     args = tyro.cli(
