@@ -78,3 +78,13 @@ def test_import_springfield_stays_cheap_and_documents_train():
     ).stdout
     assert out.splitlines()[0] == "[]"
     assert "Train a classifier" in out and "Run" in out
+
+
+def test_no_submodule_shadows_an_api_name():
+    # Importing springfield.<name> sets that attribute on the package, replacing the lazy
+    # export: springfield.compare would become a module once anything imported it.
+    for name in springfield.__all__:
+        assert not (SRC / f"{name}.py").exists() and not (SRC / name).is_dir(), name
+        assert callable(getattr(springfield, name)) or isinstance(
+            getattr(springfield, name), dict
+        ), name

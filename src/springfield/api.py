@@ -163,3 +163,97 @@ def train(
     setup_runtime()
     path = train_loop(cfg, console=Console(quiet=True) if quiet else console)
     return Run.read(path)
+
+
+def lr_find(
+    config: TrainConfig | dict | None = None,
+    /,
+    *,
+    preset: str | None = None,
+    console: Console | None = None,
+    quiet: bool = False,
+    start_lr: float = 1e-6,
+    end_lr: float = 10.0,
+    steps: int = 100,
+    **overrides: Any,
+):
+    """The learning-rate range test for a model, optimizer and data given as in :func:`train`.
+
+    A fresh model trains one batch per step while the rate grows exponentially from
+    ``start_lr`` to ``end_lr``; the sweep stops when the smoothed loss exceeds 4x its
+    minimum. The suggestion follows fastai's "valley" rule: a little past the middle of the
+    longest stretch over which the smoothed loss keeps falling. Writes ``lr_find.png`` and
+    ``lr_find.json`` into ``workdir`` (default ``runs/lr-find-<timestamp>``).
+
+    Returns:
+        An ``LrFind`` record: ``.suggestion``, ``.lrs``, ``.losses``, ``.smoothed``,
+        ``.diverged_at``, ``.steepest``, ``.min_over_10``, ``.rule``.
+    """
+    from datetime import datetime
+
+    from rich.console import Console
+
+    from springfield import parallel
+    from springfield.runtime import setup_runtime
+    from springfield.training import lr_find as finder
+    from springfield.training.loop import resolve
+    from springfield.training.run_folder import make_workdir
+
+    cfg = make_config(config, preset=preset, **overrides)
+    if cfg.workdir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg = dataclasses.replace(cfg, workdir=Path("runs") / f"lr-find-{stamp}")
+    setup_runtime()
+    parallel.setup(
+        cpu_devices=cfg.cpu_devices,
+        distributed=False,
+        coordinator=None,
+        num_processes=None,
+        process_id=None,
+        workdir=cfg.workdir,
+    )
+    cfg = resolve(cfg)
+    make_workdir(cfg.workdir)
+    console = Console(quiet=True) if quiet else console or Console()
+    return finder.lr_find(cfg, cfg.workdir, console, start_lr=start_lr, end_lr=end_lr, steps=steps)
+
+
+def compare(
+    config: TrainConfig | dict | None = None,
+    /,
+    *,
+    vary: dict[str, list],
+    seeds: tuple[int, ...] | list[int] = (0,),
+    workdir: str | Path,
+    preset: str | None = None,
+    console: Console | None = None,
+    quiet: bool = False,
+    **overrides: Any,
+) -> dict:
+    """Train every combination of ``vary`` once per seed and summarise, as
+    ``springfield compare`` does::
+
+        summary = springfield.compare(
+            vary={"activation": ["relu", "gelu", squareplus_name]}, seeds=[0, 1],
+            workdir="runs/acts", epochs=8,
+        )
+
+    Each run goes to ``<workdir>/<variant>/seed<k>``; ``summary.json``/``.md``,
+    ``curves.png`` and ``compare.html`` to ``workdir``. Calling it again skips finished runs
+    and resumes the interrupted one.
+
+    Returns:
+        ``summary.json``'s content: per variant, each number's ``mean``, ``std``, ``min``,
+        ``max`` and per-seed ``values`` over the seeds.
+    """
+    from rich.console import Console
+
+    from springfield.comparison import compare as run_compare
+    from springfield.comparison import variants_from_values
+    from springfield.runtime import setup_runtime
+
+    base = make_config(config, preset=preset, **overrides)
+    variants = variants_from_values(base, vary)
+    setup_runtime()
+    console = Console(quiet=True) if quiet else console or Console()
+    return run_compare(variants, list(seeds), Path(workdir), console=console)

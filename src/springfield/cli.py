@@ -20,16 +20,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
+from springfield.config import TrainConfig
 from springfield.errors import Interrupted, SpringfieldError
 from springfield.paths import printable
 from springfield.runtime import reexec_with_malloc_env, setup_runtime
 
-USAGE = """usage: springfield {train,eval,predict,report} [--help]
+USAGE = """usage: springfield {train,eval,predict,report,lr-find,compare} [--help]
 
   train     train a classifier on a folder of images (no --data: built-in Simpsons set)
   eval      evaluate a run folder on its validation split or on --data DIR
   predict   top-k classes for images or folders of images
   report    regenerate a run's plots and report.html
+  lr-find   learning-rate range test: plot loss vs rate, suggest a rate (train --lr auto)
+  compare   train every combination of --vary settings (and --seeds), one summary
 
 springfield COMMAND --help explains every flag and its default.
 """
@@ -98,10 +101,40 @@ class PredictArgs:
     """Allow importing the run's custom module:function activation (runs that module)."""
 
 
-def _train(argv: list[str], console: Console) -> None:
-    from springfield.api import train
-    from springfield.config import TrainConfig, preset_config, scale_early_epochs
+@dataclass(frozen=True)
+class LrFindArgs(TrainConfig):
+    """Learning-rate range test (Smith 2017, fastai lr_find): from a fresh model of these train flags, train one batch per step while the rate grows exponentially from --start-lr to --end-lr; stop when the smoothed loss exceeds 4x its minimum. Writes lr_find.png (smoothed loss vs rate, log axis, the suggestion marked) and lr_find.json into --workdir (default runs/lr-find-<timestamp>) and prints the suggested --lr by fastai's valley rule: a little past the middle of the longest stretch where the smoothed loss keeps falling. --lr itself is not used."""
 
+    start_lr: float = 1e-6
+    """First learning rate of the sweep."""
+
+    end_lr: float = 10.0
+    """Last learning rate of the sweep (it stops earlier when the loss diverges)."""
+
+    steps: int = 100
+    """Train steps (batches) in the sweep, one rate each."""
+
+
+@dataclass(frozen=True)
+class CompareArgs(TrainConfig):
+    """Train every combination of the --vary settings (one value of each), once per seed, with the same data, split and epochs, one after another; each run is an ordinary run folder <workdir>/<variant>/seed<k>. Then write summary.md, summary.json (per variant: final and best validation accuracy, validation loss, train time, img/s, epochs to 90% of the best accuracy; mean and spread over seeds, from each run's metrics.jsonl), curves.png and compare.html into --workdir (default runs/compare-<timestamp>). Every other flag is a train flag and applies to all variants. Every variant is checked before the first trains. Running the same command again skips finished runs and resumes the interrupted one."""
+
+    vary: tyro.conf.UseAppendAction[tuple[str, ...]] = ()
+    """NAME=V1,V2,...: a train flag and its values, e.g. --vary activation=relu,gelu,mypkg.acts:squareplus --vary optimizer=adamw,lion (repeat for more; every combination runs). Tuples as "image_size=64 64,96 96" or image_size=64x64,96x96; booleans as tta=true,false."""
+
+    seeds: tuple[int, ...] = ()
+    """Seeds to run each variant with (split, initialisation, shuffling and augmentation), e.g. --seeds 0 1 2. Default: --seed."""
+
+
+_PRESETS_HELP = (
+    " Presets: --preset seed is the original tutorial's recipe (seed CNN at 160x120, SGD "
+    "momentum 0.9, lr 0.01, L2 5e-4, 50 epochs); --preset simpsons is the recommended recipe "
+    "for real frames (docs/results.md). Other flags still override a preset."
+)
+
+
+def _split_preset(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``--preset NAME`` out of ``argv``, and the other arguments."""
     preset = None
     rest: list[str] = []
     it = iter(argv)
@@ -114,15 +147,32 @@ def _train(argv: list[str], console: Console) -> None:
             preset = a.split("=", 1)[1]
         else:
             rest.append(a)
+    return preset, rest
+
+
+def _with_preset(cls: type, preset: str | None):
+    """An instance of ``cls`` (TrainConfig or a subclass) holding ``preset``'s settings."""
+    from springfield.config import preset_config
+
+    base = preset_config(preset)
+    return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+
+
+def _as_train_config(args: TrainConfig) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def _train(argv: list[str], console: Console) -> None:
+    from springfield.api import train
+    from springfield.config import preset_config, scale_early_epochs
+
+    preset, rest = _split_preset(argv)
     cfg = tyro.cli(
         TrainConfig,
         args=rest,
         default=preset_config(preset),
         prog="springfield train",
-        description=(TrainConfig.__doc__ or "") + " Presets: --preset seed is the original "
-        "tutorial's recipe (seed CNN at 160x120, SGD momentum 0.9, lr 0.01, L2 5e-4, 50 epochs);"
-        " --preset simpsons is the recommended recipe for real frames (docs/results.md). Other "
-        "flags still override a preset.",
+        description=(TrainConfig.__doc__ or "") + _PRESETS_HELP,
     )
     scaled = scale_early_epochs(cfg, preset, rest)
     if scaled.early_epochs != cfg.early_epochs:
@@ -284,7 +334,64 @@ def _predict(argv: list[str], console: Console) -> None:
             console.print(f"[yellow]{escape(printable(str(path)))}: skipped ({reason})[/]")
 
 
-COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "report": _report}
+def _lr_find(argv: list[str], console: Console) -> None:
+    from springfield.api import lr_find
+    from springfield.config import scale_early_epochs
+
+    preset, rest = _split_preset(argv)
+    args = tyro.cli(
+        LrFindArgs,
+        args=rest,
+        default=_with_preset(LrFindArgs, preset),
+        prog="springfield lr-find",
+        description=(LrFindArgs.__doc__ or "") + _PRESETS_HELP,
+    )
+    cfg = scale_early_epochs(_as_train_config(args), preset, rest)
+    lr_find(cfg, console=console, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+
+
+def _compare(argv: list[str], console: Console) -> None:
+    import shlex
+    from datetime import datetime
+
+    from springfield.comparison import compare, variants_from_flags
+
+    preset, rest = _split_preset(argv)
+    args = tyro.cli(
+        CompareArgs,
+        args=rest,
+        default=_with_preset(CompareArgs, preset),
+        prog="springfield compare",
+        description=(CompareArgs.__doc__ or "") + _PRESETS_HELP,
+    )
+    if not args.vary:
+        raise SpringfieldError(
+            "compare: give at least one --vary NAME=V1,V2 (e.g. --vary activation=relu,gelu)."
+        )
+    workdir = args.workdir or Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    base = dataclasses.replace(_as_train_config(args), workdir=None)
+    variants = variants_from_flags(base, args.vary, preset=preset, typed=rest)
+    console.print(
+        f"Comparing {len(variants)} variant(s) x {len(args.seeds or (args.seed,))} seed(s) "
+        f"in {workdir} (run the same command again to resume)."
+    )
+    compare(
+        variants,
+        args.seeds or (args.seed,),
+        workdir,
+        console=console,
+        command=shlex.join(["springfield", "compare", *argv]),
+    )
+
+
+COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "predict": _predict,
+    "report": _report,
+    "lr-find": _lr_find,
+    "compare": _compare,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,8 +61,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     """Any optax optimizer by name: sgd, momentum (sgd + 0.9 momentum), nesterov, adam, adamw, lion, rmsprop, adabelief, lamb, ..."""
 
-    lr: float = 3e-3
-    """Peak learning rate."""
+    lr: float | Literal["auto"] = 3e-3
+    """Peak learning rate, or auto: run the learning-rate finder (springfield lr-find) in the run folder first and train with its suggestion (recorded in config.json; lr_find.png goes into the report)."""
 
     schedule: Literal["constant", "cosine", "onecycle", "linear"] = "onecycle"
     """Learning-rate schedule: constant, cosine (warmup then cosine decay), onecycle, or linear decay."""

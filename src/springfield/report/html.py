@@ -36,6 +36,11 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
         "Validation images the model got wrong: true class, prediction and its probability.",
     ),
     ("samples.png", "Training samples", "A few training images with their labels."),
+    (
+        "lr_find.png",
+        "Learning-rate finder",
+        "Training loss while the rate grew exponentially (--lr auto); red: the suggested rate.",
+    ),
 )
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

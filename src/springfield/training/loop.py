@@ -41,6 +41,7 @@ from springfield.training.evaluation import run_eval
 from springfield.training.final import finish
 from springfield.training.inputs import augmented_samples, load_data, train_iterator
 from springfield.training.interrupts import stop_requests
+from springfield.training.lr_find import auto_lr
 from springfield.training.optim import build_optimizer, make_schedule
 from springfield.training.resume import Setup
 from springfield.training.steps import init_state, make_eval_step, make_train_step
@@ -75,14 +76,17 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, workdir=workdir, image_size=image_size)
 
 
-def train_and_evaluate(cfg: TrainConfig, console: Console, record: dict | None = None) -> Path:
+def train_and_evaluate(cfg: TrainConfig, console: Console) -> Path:
     """The whole run on this process (after :func:`train`'s device set-up); returns the run
-    folder. ``record``: extra keys for ``config.json`` (the LR finder's suggestion)."""
+    folder."""
     is_main = jax.process_index() == 0
     cfg = resolve(cfg)
     workdir = cfg.workdir
     check_config(cfg)
     run_folder.make_workdir(workdir)
+    record = None  # extra keys for config.json
+    if cfg.lr == "auto":  # the finder's suggestion, found once per run folder
+        cfg, record = auto_lr(cfg, console if is_main else None)
     mesh = parallel.make_mesh()
     # Paths may differ between hosts (checked by content in load_data); nothing else may.
     parallel.check_same(
