@@ -309,6 +309,11 @@ def load(
         batch_sizes = [b for b in DEFAULT_BATCH_SIZES if b < batch_size] + [batch_size]
     if is_export_dir(path):
         return classifier_of_export(load_export(path), batch_sizes)
+    if not (Path(path) / "config.json").exists():
+        raise SpringfieldError(
+            f"{path}: not a springfield run folder (no config.json) nor an exported model (no "
+            "export.json). Pass the --workdir of a train run, or a folder from springfield export."
+        )
     from springfield.evaluate import load_run
 
     return classifier_of_run(load_run(Path(path), allow_import=allow_import), batch_sizes)

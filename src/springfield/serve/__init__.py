@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def serve(
 ) -> None:
     """Serve the run or exported folder ``path`` until interrupted (see the module doc)."""
     import uvicorn
+    from PIL import Image
 
     from springfield.inference import load
     from springfield.serve.app import create_app
@@ -78,6 +80,9 @@ def serve(
         raise SpringfieldError(f"--batch-window-ms {batch_window_ms}: must be 0 or more.")
     if not batch_sizes or min(batch_sizes) < 1:
         raise SpringfieldError(f"--batch-sizes {list(batch_sizes)}: need sizes >= 1.")
+    # Pillow warns of large images on stderr; springfield.data.decode refuses them anyway
+    # (with the same limit as training) and the client gets that reason.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     sock = bind(host, port)  # before the slow part: a taken port fails at once
     try:
         start = time.perf_counter()

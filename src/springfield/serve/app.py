@@ -59,8 +59,11 @@ class RequestError(Exception):
         self.message = message
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, *, close: bool = False) -> JSONResponse:
+    # close: the request body may be partly unread; closing the connection is the only way
+    # to stop the client sending it (uvicorn would otherwise read and drop it to the end).
+    headers = {"Connection": "close"} if close else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def model_summary(clf: Classifier) -> dict:
@@ -197,7 +200,7 @@ def create_app(
             uploads = await read_uploads(request)
             arrays = [await decode(name, data) for name, data in uploads]
         except RequestError as e:
-            return _error(e.status, e.message)
+            return _error(e.status, e.message, close=True)
         except ClientDisconnect:
             return Response(status_code=400)  # nobody left to read it
         probs = await batcher.submit(np.stack(arrays))
