@@ -262,10 +262,10 @@ def test_info_and_start_message(server, small_run):
     assert info["classes"] == json.loads((small_run / "classes.json").read_text())
     assert info["image_size"] == [32, 32] and info["step"] > 0
     assert info["val_accuracy"] == json.loads((small_run / "eval.json").read_text())["accuracy"]
-    assert info["serving"]["batch_sizes"] == [1, 4, 16, 32]
+    assert info["serving"]["batch_sizes"] == [1, 2, 4, 8, 16, 32]
     assert info["serving"]["max_files"] == MAX_FILES and info["serving"]["max_upload_mb"] == 1
     start = "".join(server.lines)
-    assert "compiled batch sizes 1, 4, 16, 32" in start
+    assert "compiled batch sizes 1, 2, 4, 8, 16, 32" in start
     assert "this machine only; --host 0.0.0.0 to accept other machines" in start
 
 

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from springfield.errors import Interrupted, SpringfieldError
+from springfield.inference import DEFAULT_BATCH_SIZES
 from springfield.paths import printable
 from springfield.runtime import reexec_with_malloc_env, setup_runtime
 
@@ -154,9 +155,10 @@ class ServeArgs:
     max_files: int = 16
     """Most image files in one request (more get 400)."""
 
-    batch_sizes: tuple[int, ...] = (1, 4, 16, 32)
-    """Batch shapes compiled at start-up; a forward pass is padded to the smallest that fits,
-    the largest is the most images per forward pass."""
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    """Batch shapes compiled at start-up (`springfield predict` runs the same ones, so a request
+    gets the very floats predict prints for the same files); a forward pass takes as many
+    waiting images as fill one, the largest is the most images per forward pass."""
 
     batching: bool = True
     """Micro-batching: requests that arrive together share forward passes. --no-batching runs

@@ -68,7 +68,7 @@ def _name(image: ImageLike, i: int) -> str:
     return f"<image {i}>"
 
 
-DEFAULT_BATCH_SIZES = (1, 4, 16, 32)
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 """The batch shapes prediction compiles: each chunk of images is padded to the smallest
 that holds it. A float32 forward pass rounds slightly differently at different batch shapes
 (up to ~1e-7 in a probability), so everything that must agree exactly (``predict`` and

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from springfield.errors import SpringfieldError
+from springfield.inference import DEFAULT_BATCH_SIZES
 
 
 def _is_loopback(host: str) -> bool:
@@ -56,7 +57,7 @@ def serve(
     top_k: int = 3,
     max_upload_mb: float = 10.0,
     max_files: int = 16,
-    batch_sizes: Sequence[int] = (1, 4, 16, 32),
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     batching: bool = True,
     batch_window_ms: float = 2.0,
     allow_import: bool = False,

@@ -94,7 +94,7 @@ def create_app(
     limit_text = f"{max_upload_mb:g} MB"
     batcher = MicroBatcher(
         clf.probabilities_of_arrays,
-        max_batch=clf.batch_size,
+        sizes=clf.batch_sizes,
         window_s=batch_window_ms / 1000.0,
         enabled=batching,
     )

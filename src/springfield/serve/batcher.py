@@ -1,11 +1,11 @@
 """Micro-batching: requests that arrive together share one forward pass.
 
 Each request hands its decoded images to :meth:`MicroBatcher.submit` and awaits their
-probabilities. One worker task takes the first waiting request, then keeps collecting
-requests for up to ``window_s`` (or until ``max_batch`` images), runs them as one call of
-``predict`` in a single model thread, and hands each request its rows. While a forward pass
-runs, new requests queue up and go together into the next one, so under load batches grow
-by themselves and an idle server adds at most ``window_s`` of latency.
+probabilities. One worker task takes the first waiting request, waits up to ``window_s``
+for more (or until the largest batch is full), runs them as one call of ``predict`` in a
+single model thread, and hands each request its rows. While a forward pass runs, new
+requests queue up and go together into the next one, so under load batches grow by
+themselves and an idle server adds at most ``window_s`` of latency.
 
 Each row's result depends only on its image and the batch shape it ran at
 (:meth:`springfield.inference.Classifier.probabilities_of_arrays`), never on its neighbours.
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,32 +41,38 @@ class BatchStats:
 class MicroBatcher:
     """Run ``predict(images (N, H, W, 3)) -> (N, C)`` for concurrent requests, batched.
 
-    ``enabled=False`` runs each request's images on their own (one call per request, still
-    one at a time), which is what ``serve --no-batching`` and the benchmark compare against.
-    Call :meth:`start` inside the running event loop and :meth:`stop` at shutdown.
+    ``sizes`` are the batch shapes ``predict`` runs (:attr:`Classifier.batch_sizes`): a
+    forward pass takes the longest run of waiting requests that fills one of them without
+    padding where it can (5 waiting single images: 4 now, 1 next), since a padded row costs
+    as much as a real one. ``enabled=False`` runs each request's images on their own (one
+    call per request, still one at a time), which is what ``serve --no-batching`` and the
+    benchmark compare against. Call :meth:`start` inside the running event loop and
+    :meth:`stop` at shutdown.
     """
 
     def __init__(
         self,
         predict: Callable[[np.ndarray], np.ndarray],
         *,
-        max_batch: int,
+        sizes: Sequence[int],
         window_s: float = 0.002,
         enabled: bool = True,
     ) -> None:
         self._predict = predict
-        self.max_batch = max_batch
+        self.sizes = tuple(sorted(sizes))
+        self.max_batch = self.sizes[-1]
         self.window_s = window_s
         self.enabled = enabled
         self.stats = BatchStats()
-        self._queue: asyncio.Queue[_Job] | None = None
+        self._pending: deque[_Job] = deque()
+        self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         # One thread runs the model: JAX releases the GIL while it computes, so the event
         # loop keeps accepting and decoding uploads meanwhile.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="springfield-model")
 
     def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -77,39 +84,51 @@ class MicroBatcher:
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``(N, C)`` of one request's images, once their batch has run."""
-        if self._queue is None:
+        if self._wake is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(images, future))
+        self._pending.append(_Job(images, future))
+        self._wake.set()
         return await future
 
-    async def _collect(self, first: _Job) -> list[_Job]:
-        jobs, n = [first], len(first.images)
+    def _waiting_images(self) -> int:
+        return sum(len(j.images) for j in self._pending)
+
+    async def _next_jobs(self) -> list[_Job]:
+        while not self._pending:
+            self._wake.clear()
+            await self._wake.wait()
         if not self.enabled:
-            return jobs
+            return [self._pending.popleft()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.window_s
-        while n < self.max_batch:
-            try:
-                job = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    job = await asyncio.wait_for(self._queue.get(), left)
-                except TimeoutError:
-                    break
+        while self._waiting_images() < self.max_batch:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), left)
+        # The longest prefix of whole requests that fits the largest size; then, if that
+        # leaves padding, the prefix that fills the largest size it can fill exactly.
+        jobs = [self._pending.popleft()]
+        n = len(jobs[0].images)
+        while self._pending and n + len(self._pending[0].images) <= self.max_batch:
+            job = self._pending.popleft()
             jobs.append(job)
             n += len(job.images)
+        fill = max((b for b in self.sizes if b <= n), default=n)
+        while len(jobs) > 1 and n > fill:
+            job = jobs.pop()
+            self._pending.appendleft(job)
+            n -= len(job.images)
         return jobs
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._collect(await self._queue.get())
-            jobs = [j for j in jobs if not j.future.done()]  # clients that went away
-            if not jobs:
+            jobs = [j for j in await self._next_jobs() if not j.future.done()]
+            if not jobs:  # clients that went away
                 continue
             images = np.concatenate([j.images for j in jobs])
             try:
