@@ -304,7 +304,9 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 def _percent(p: float) -> str:
     # As page.html's pct(): whole percent at the extremes, else one decimal.
-    return f"{100 * p:.0f}%" if p >= 0.995 or p < 0.001 else f"{100 * p:.1f}%"
+    if p < 0.001:
+        return "<0.1%"
+    return f"{100 * p:.0f}%" if p >= 0.995 else f"{100 * p:.1f}%"
 
 
 def chromium(tmp_path: Path, width: int = 1280, height: int = 900):
