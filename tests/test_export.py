@@ -179,3 +179,22 @@ def test_export_user_errors(exported, small_run, files, tmp_path, capsys):
     assert main(["export", str(small_run), str(again), "--overwrite"]) == 0
     assert (again / "model.jaxexport").read_bytes() != b"not flatbuffers"
     assert load(again).classes == load(exported).classes
+
+
+def test_a_tta_run_exports_its_mirror_averaging(small_run, files, tmp_path):
+    # The same checkpoint evaluated with --tta (the flag only changes evaluation): the export
+    # must average each image with its mirror image as the run's eval step does.
+    run = tmp_path / "tta-run"
+    shutil.copytree(small_run, run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["tta"] = True
+    (run / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "tta-export"
+    assert main(["export", str(run), str(out)]) == 0
+    assert json.loads((out / "preprocess.json").read_text())["tta"]["enabled"] is True
+
+    from springfield.inference import load
+
+    with_tta, without = load(run).probabilities(files), load(small_run).probabilities(files)
+    assert np.abs(with_tta - without).max() > 1e-3  # TTA changes the answer here
+    np.testing.assert_allclose(load(out).probabilities(files), with_tta, atol=1e-5, rtol=0)
