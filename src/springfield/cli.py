@@ -103,17 +103,12 @@ class PredictArgs:
 
 @dataclass(frozen=True)
 class ExportArgs:
-    """Write a run as a folder that predicts without springfield's training code: model.jaxexport
-    (jax.export StableHLO of the inference forward pass, parameters baked in, any batch size,
-    XLA convolutions so it runs on CPU and CUDA), classes.json, preprocess.json (input size,
-    decoding, normalisation, test-time augmentation) and export.json. The export is checked
-    against the run (probabilities within 1e-5) before it is written. `springfield predict OUT`
-    and `springfield serve OUT` take the folder; so does springfield.inference.load(OUT)."""
+    """Write a run as a folder that predicts without springfield's training code: model.jaxexport (jax.export StableHLO of the inference forward pass, parameters baked in, any batch size, XLA convolutions so it runs on CPU and CUDA), classes.json, preprocess.json (input size, decoding, normalisation, test-time augmentation) and export.json. The export is checked against the run (probabilities within 1e-5) before it is written. `springfield predict OUT` and `springfield serve OUT` take the folder; so does springfield.inference.load(OUT)."""
 
-    run: Annotated[Path, tyro.conf.Positional]
+    run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
     """Run folder written by `springfield train` (its --workdir)."""
 
-    out: Annotated[Path, tyro.conf.Positional]
+    out: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="OUT")]
     """Folder to write (must be new or empty, unless --overwrite)."""
 
     overwrite: bool = False
@@ -128,19 +123,13 @@ class ExportArgs:
 
 @dataclass(frozen=True)
 class ServeArgs:
-    """Serve a model: GET / is a page to drop, choose or paste images into; POST /predict takes
-    multipart files (curl -F file=@a.jpg -F file=@b.png) or one raw image body and answers
-    JSON {"predictions": [{"file", "top": [{"label", "probability"}]}], "model": {...}};
-    GET /health and GET /info. The model is loaded once and compiled for --batch-sizes at
-    start-up; concurrent requests share forward passes (micro-batching). Bad uploads get a
-    4xx with a one-line JSON error. Probabilities are those of `springfield predict --json`."""
+    """Serve a model: GET / is a page to drop, choose or paste images into; POST /predict takes multipart files (curl -F file=@a.jpg -F file=@b.png) or one raw image body and answers JSON {"predictions": [{"file", "top": [{"label", "probability"}]}], "model": {...}}; GET /health and GET /info. The model is loaded once and compiled for --batch-sizes at start-up; concurrent requests share forward passes (micro-batching). Bad uploads get a 4xx with a one-line JSON error. Probabilities are those of `springfield predict --json`."""
 
-    run: Annotated[Path, tyro.conf.Positional]
+    run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="FOLDER")]
     """Run folder written by `springfield train`, or a folder written by `springfield export`."""
 
     host: str = "127.0.0.1"
-    """Address to listen on. The default accepts this machine only; 0.0.0.0 (or ::) accepts
-    every machine that can reach this one, with no authentication and no TLS."""
+    """Address to listen on. The default accepts this machine only; 0.0.0.0 (or ::) accepts every machine that can reach this one, with no authentication and no TLS."""
 
     port: int = 8000
     """TCP port to listen on (0: any free port, printed at start)."""
@@ -149,24 +138,19 @@ class ServeArgs:
     """Classes returned per image (a request may ask for others with ?top_k=N)."""
 
     max_upload_mb: float = 10.0
-    """Largest request body in MB (2**20 bytes), checked against Content-Length and counted
-    while the body streams in: larger uploads get 413 without being read."""
+    """Largest request body in MB (2**20 bytes), checked against Content-Length and counted while the body streams in: a larger upload gets 413 and is read no further than the limit."""
 
     max_files: int = 16
     """Most image files in one request (more get 400)."""
 
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
-    """Batch shapes compiled at start-up (`springfield predict` runs the same ones, so a request
-    gets the very floats predict prints for the same files); a forward pass takes as many
-    waiting images as fill one, the largest is the most images per forward pass."""
+    """Batch shapes compiled at start-up (`springfield predict` runs the same ones, so a request gets the very floats predict prints for the same files); a forward pass takes as many waiting images as fill one, the largest is the most images per forward pass."""
 
     batching: bool = True
-    """Micro-batching: requests that arrive together share forward passes. --no-batching runs
-    each request on its own (for comparison: benchmarks/serve.py)."""
+    """Micro-batching: requests that arrive together share forward passes. --no-batching runs each request on its own (for comparison: benchmarks/serve.py)."""
 
     batch_window_ms: float = 2.0
-    """How long the first waiting request waits for others to join its forward pass (ms);
-    requests that queue up during a forward pass join the next one regardless."""
+    """How long the first waiting request waits for others to join its forward pass (ms); requests that queue up during a forward pass join the next one regardless."""
 
     log_requests: bool = False
     """Print one access-log line per request."""
