@@ -7,6 +7,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from springfield.errors import SpringfieldError
@@ -106,7 +107,11 @@ def test_fast_conv_has_the_same_gradients_as_lax(monkeypatch):
         grads[impl] = nnx.grad(lambda m: jnp.sum(m(x, train=True) ** 2))(model)
     leaves = [jax.tree.leaves(grads[k]) for k in ("lax", "springfield")]
     for a, b in zip(*leaves, strict=True):
-        assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+        # The two schedules sum in another order: float32 results then differ by up to ~1e-6
+        # of the leaf's largest entry (measured on an AMD EPYC machine, where an absolute
+        # 1e-6 failed for leaves of size ~2), while a wrong gradient differs by its own size.
+        scale = float(jnp.max(jnp.abs(a)))
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_resnet_hires_adds_one_stride_2_conv_and_keeps_resnet_parameter_names():

@@ -22,17 +22,20 @@ from rich.table import Column, Table
 
 from springfield.config import TrainConfig
 from springfield.errors import Interrupted, SpringfieldError
+from springfield.inference import DEFAULT_BATCH_SIZES
 from springfield.paths import printable
 from springfield.runtime import reexec_with_malloc_env, setup_runtime
 
-USAGE = """usage: springfield {train,eval,predict,report,lr-find,compare} [--help]
+USAGE = """usage: springfield {train,eval,predict,report,lr-find,compare,export,serve} [--help]
 
   train     train a classifier on a folder of images (no --data: built-in Simpsons set)
   eval      evaluate a run folder on its validation split or on --data DIR
-  predict   top-k classes for images or folders of images
+  predict   top-k classes for images or folders of images (run or exported folder)
   report    regenerate a run's plots and report.html
   lr-find   learning-rate range test: plot loss vs rate, suggest a rate (train --lr auto)
   compare   train every combination of --vary settings (and --seeds), one summary
+  export    write a run as a portable jax.export folder that needs no training code
+  serve     a web page and JSON API for a run or exported folder (127.0.0.1:8000)
 
 springfield COMMAND --help explains every flag and its default.
 """
@@ -83,7 +86,7 @@ class PredictArgs:
     """Top-k classes with probabilities for each image (folders are searched recursively)."""
 
     run: Annotated[Path, tyro.conf.Positional]
-    """Run folder written by `springfield train`."""
+    """Run folder written by `springfield train`, or a folder written by `springfield export`."""
 
     images: Annotated[tuple[Path, ...], tyro.conf.Positional]
     """Image files or folders of images."""
@@ -99,6 +102,104 @@ class PredictArgs:
 
     allow_import: bool = False
     """Allow importing the run's custom module:function activation (runs that module)."""
+
+
+@dataclass(frozen=True)
+class ExportArgs:
+    """Write a run as a folder that predicts without springfield's training code: model.jaxexport (jax.export StableHLO of the inference forward pass, parameters baked in, any batch size, XLA convolutions so it runs on CPU and CUDA), classes.json, preprocess.json (input size, decoding, normalisation, test-time augmentation) and export.json. The export is checked against the run (probabilities within 1e-5) before it is written. `springfield predict OUT` and `springfield serve OUT` take the folder; so does springfield.inference.load(OUT)."""
+
+    run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
+    """Run folder written by `springfield train` (its --workdir)."""
+
+    out: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="OUT")]
+    """Folder to write (must be new or empty, unless --overwrite)."""
+
+    overwrite: bool = False
+    """Replace OUT if it already holds an export."""
+
+    platform: tuple[str, ...] = ("cpu", "cuda")
+    """JAX platforms to lower for (one module runs on any of them): cpu, cuda, rocm, tpu."""
+
+    allow_import: bool = False
+    """Allow importing the run's custom module:function activation (runs that module)."""
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    """Serve a model: GET / is a page to drop, choose or paste images into; POST /predict takes multipart files (curl -F file=@a.jpg -F file=@b.png) or one raw image body and answers JSON {"predictions": [{"file", "top": [{"label", "probability"}]}], "model": {...}}; GET /health and GET /info. The model is loaded once and compiled for --batch-sizes at start-up; concurrent requests share forward passes (micro-batching). Bad uploads get a 4xx with a one-line JSON error. Probabilities are those of `springfield predict --json`."""
+
+    run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="FOLDER")]
+    """Run folder written by `springfield train`, or a folder written by `springfield export`."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on. The default accepts this machine only; 0.0.0.0 (or ::) accepts every machine that can reach this one, with no authentication and no TLS."""
+
+    port: int = 8000
+    """TCP port to listen on (0: any free port, printed at start)."""
+
+    top_k: int = 3
+    """Classes returned per image (a request may ask for others with ?top_k=N)."""
+
+    max_upload_mb: float = 10.0
+    """Largest request body in MB (2**20 bytes), checked against Content-Length and counted while the body streams in: a larger upload gets 413 and is read no further than the limit."""
+
+    max_files: int = 16
+    """Most image files in one request (more get 400)."""
+
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    """Batch shapes compiled at start-up (`springfield predict` runs the same ones, so a request gets the very floats predict prints for the same files); a forward pass takes as many waiting images as fill one, the largest is the most images per forward pass."""
+
+    batching: bool = True
+    """Micro-batching: requests that arrive together share forward passes. --no-batching runs each request on its own (for comparison: benchmarks/serve.py)."""
+
+    batch_window_ms: float = 2.0
+    """How long the first waiting request waits for others to join its forward pass (ms); requests that queue up during a forward pass join the next one regardless."""
+
+    log_requests: bool = False
+    """Print one access-log line per request."""
+
+    allow_import: bool = False
+    """Allow importing the run's custom module:function activation (runs that module)."""
+
+
+def _export(argv: list[str], console: Console) -> None:
+    from springfield.export import export_run
+
+    args = tyro.cli(ExportArgs, args=argv, prog="springfield export")
+    meta = export_run(
+        args.run,
+        args.out,
+        allow_import=args.allow_import,
+        overwrite=args.overwrite,
+        platforms=args.platform,
+    )
+    console.print(
+        f"Exported {printable(str(args.run))} (step {meta['step']}, {meta['model']}, "
+        f"{len(meta['classes'])} classes) to {printable(str(args.out))} for "
+        f"{', '.join(meta['platforms'])}; largest probability difference from the run "
+        f"{meta['max_abs_diff']:.1e}.",
+        highlight=False,
+    )
+
+
+def _serve(argv: list[str], console: Console) -> None:
+    from springfield.serve import serve
+
+    args = tyro.cli(ServeArgs, args=argv, prog="springfield serve")
+    serve(
+        args.run,
+        host=args.host,
+        port=args.port,
+        top_k=args.top_k,
+        max_upload_mb=args.max_upload_mb,
+        max_files=args.max_files,
+        batch_sizes=args.batch_sizes,
+        batching=args.batching,
+        batch_window_ms=args.batch_window_ms,
+        allow_import=args.allow_import,
+        log_requests=args.log_requests,
+        say=lambda text: print(text, flush=True),
+    )
 
 
 @dataclass(frozen=True)
@@ -295,18 +396,29 @@ def _expand_images(items: tuple[Path, ...]) -> list[Path]:
 
 
 def _predict(argv: list[str], console: Console) -> None:
-    from springfield.evaluate import load_run, predict_images
+    import numpy as np
+
+    from springfield.errors import BadImageError
+    from springfield.inference import load, top_classes
 
     args = tyro.cli(PredictArgs, args=argv, prog="springfield predict")
     if args.top_k < 1:
         raise SpringfieldError(f"--top-k {args.top_k}: must be at least 1.")
-    trained = load_run(args.run, allow_import=args.allow_import)
-    paths, probs, failures = predict_images(trained, _expand_images(args.images))
-    k = min(args.top_k, len(trained.classes))
+    clf = load(args.run, allow_import=args.allow_import)
+    # The same decode and forward pass as `springfield serve` (Classifier), so both give
+    # the same probabilities for the same file.
+    paths, arrays, failures = [], [], []
+    for path in _expand_images(args.images):
+        try:
+            arrays.append(clf.decode(path))
+            paths.append(path)
+        except BadImageError as e:
+            failures.append((path, str(e)))
+    probs = clf.probabilities_of_arrays(np.stack(arrays)) if arrays else []
     rows = []
     for path, p in zip(paths, probs, strict=True):
-        order = [int(i) for i in p.argsort()[::-1][:k]]
-        rows.append((path, [(trained.classes[i], float(p[i])) for i in order]))
+        top = top_classes(p, clf.classes, args.top_k)["top"]
+        rows.append((path, [(t["label"], t["probability"]) for t in top]))
     if args.csv:
         # surrogateescape: a non-UTF-8 file name is written as its own bytes, not a crash.
         with open(args.csv, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
@@ -391,6 +503,8 @@ COMMANDS = {
     "report": _report,
     "lr-find": _lr_find,
     "compare": _compare,
+    "export": _export,
+    "serve": _serve,
 }
 
 

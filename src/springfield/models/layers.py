@@ -129,6 +129,20 @@ PRECISIONS = ("float32", "bfloat16")
 _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar(
     "conv_precision", default="float32"
 )
+_XLA_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("xla_convolutions", default=False)
+
+
+@contextlib.contextmanager
+def xla_convolutions() -> Iterator[None]:
+    """Models built inside use plain ``lax.conv_general_dilated`` for every convolution, as
+    with ``SPRINGFIELD_CONV=lax``: no oneDNN custom call, whose FFI target exists only in a
+    process that loaded springfield's kernels, so that ``jax.export`` can serialise the model
+    for any machine (:mod:`springfield.export`)."""
+    token = _XLA_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _XLA_ONLY.reset(token)
 
 
 @contextlib.contextmanager
@@ -148,8 +162,9 @@ def conv_precision(precision: str) -> Iterator[None]:
 def conv_impl(materialise: bool = True) -> Any:
     """The convolution function models use: oneDNN's where it can run
     (:mod:`springfield.kernels.onednn`), else XLA's, with the materialised weight gradient
-    above when ``materialise``; plain ``lax`` with ``SPRINGFIELD_CONV=lax``."""
-    if os.environ.get("SPRINGFIELD_CONV", "") == "lax":
+    above when ``materialise``; plain ``lax`` with ``SPRINGFIELD_CONV=lax`` or inside
+    :func:`xla_convolutions`."""
+    if os.environ.get("SPRINGFIELD_CONV", "") == "lax" or _XLA_ONLY.get():
         return lax.conv_general_dilated
     fallback = conv_general_dilated if materialise else lax.conv_general_dilated
     return onednn.make_conv(fallback, bfloat16=_PRECISION.get() == "bfloat16")
