@@ -3,7 +3,7 @@
 The Python API (each name is imported on first use, so ``import springfield`` stays cheap):
 
 - :func:`train` (config or keyword arguments) -> :class:`Run`; :class:`TrainConfig`.
-- :func:`load` (a run folder) -> :class:`Classifier` with ``.predict(images)``,
+- :func:`load` (a run folder or an exported one) -> :class:`Classifier` with ``.predict(images)``,
   ``.probabilities(images)`` and ``.evaluate(folder)``.
 - :func:`lr_find`: the learning-rate range test; :func:`compare`: train every
   combination of some settings and summarise.
