@@ -138,7 +138,14 @@ def test_sigkill_after_the_first_variant_then_rerun_resumes_and_finishes(tiny_fo
     assert not (out / "summary.json").exists()
     first_eval = (first / "eval.json").stat().st_mtime_ns
 
-    done = subprocess.run(_compare_cmd(tiny_folder, out), env=env, capture_output=True, text=True)
+    # The same folder named relative to another working directory is the same setting.
+    done = subprocess.run(
+        _compare_cmd(Path(tiny_folder.name), out),
+        cwd=tiny_folder.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())
     assert "[1/2] optimizer=adamw seed 0: finished before, skipped" in text

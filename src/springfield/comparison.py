@@ -239,10 +239,10 @@ def compare(
 def _check_finished(cfg: TrainConfig) -> None:
     # A finished run from other settings (flags changed between two compare commands)
     # would be summarised as if it were this variant.
-    from springfield.training.run_folder import MUST_MATCH
+    from springfield.training.run_folder import MUST_MATCH, comparable
 
-    old = json.loads((cfg.workdir / "config.json").read_text())
-    new = to_json(cfg)
+    old = comparable(json.loads((cfg.workdir / "config.json").read_text()))
+    new = comparable(to_json(cfg))
     if new["lr"] == "auto" and "lr_find" in old:
         new["lr"] = old["lr"]
     diffs = [

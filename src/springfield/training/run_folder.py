@@ -43,10 +43,21 @@ MUST_MATCH = (
     "cutmix",
     "erase",
     "grayscale",
+    "style",
+    "balance",
     "ema",
     "early_size",
     "early_epochs",
 )
+
+
+def comparable(cfg_json: dict) -> dict:
+    """``cfg_json`` with ``data`` as an absolute path: ``--data ../x`` and ``--data /abs/x``
+    name the same folder and must not read as a change of settings."""
+    data = cfg_json.get("data")
+    if data is None:
+        return cfg_json
+    return {**cfg_json, "data": str(Path(data).expanduser().resolve())}
 
 
 def default_workdir() -> Path:
@@ -57,8 +68,10 @@ def default_workdir() -> Path:
 def check_resume(workdir: Path, cfg: TrainConfig, classes: list[str], meta: dict) -> None:
     """Refuse to resume ``workdir`` with settings that would change the run."""
     # A key missing from an older run's config.json had its default then.
-    old_cfg = {**to_json(TrainConfig()), **json.loads((workdir / "config.json").read_text())}
-    new_cfg = to_json(cfg)
+    old_cfg = comparable(
+        {**to_json(TrainConfig()), **json.loads((workdir / "config.json").read_text())}
+    )
+    new_cfg = comparable(to_json(cfg))
     diffs = [
         f"--{k.replace('_', '-')} {old_cfg.get(k)} (run) vs {new_cfg.get(k)} (now)"
         for k in MUST_MATCH
