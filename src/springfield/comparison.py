@@ -344,10 +344,12 @@ def summary_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
 
 def summary_table(summary: dict):
     """The summary as a rich Table for the console."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     header, rows = summary_rows(summary)
-    table = Table(*header, title="springfield compare")
+    # The variant's name is what the table is read by: never cut to "activati…" at 80
+    # columns; the number columns wrap their headers instead.
+    table = Table(Column(header[0], no_wrap=True), *header[1:], title="springfield compare")
     for row in rows:
         table.add_row(*row)
     return table
