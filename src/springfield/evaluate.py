@@ -20,7 +20,7 @@ from flax import nnx
 from springfield.config import TrainConfig, from_json
 from springfield.data.decode import load_rgb
 from springfield.errors import BadImageError, SpringfieldError
-from springfield.models import build_model
+from springfield.models import model_of_config
 from springfield.training import checkpoint
 from springfield.training.optim import build_optimizer, make_schedule
 from springfield.training.steps import TrainState, eval_params, make_eval_step
@@ -81,15 +81,7 @@ def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
     except SpringfieldError:
         manager.close()
         raise
-    model = build_model(
-        cfg.model,
-        len(classes),
-        image_size=tuple(cfg.image_size),
-        activation=cfg.activation,
-        seed=cfg.seed,
-        ensemble=cfg.ensemble,
-        precision=cfg.precision,
-    )
+    model = model_of_config(cfg, len(classes))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # The optimizer state is restored too (orbax needs the full tree); only the --ema
     # average, when kept, is used from it.

@@ -134,6 +134,20 @@ def build_model(
     return members[0] if ensemble == 1 else Ensemble(members)
 
 
+def model_of_config(cfg, num_classes: int) -> nnx.Module:
+    """:func:`build_model` with the model settings of a ``TrainConfig`` (training, the
+    learning-rate finder and restoring a run all build the same network)."""
+    return build_model(
+        cfg.model,
+        num_classes,
+        image_size=tuple(cfg.image_size),
+        activation=cfg.activation,
+        seed=cfg.seed,
+        ensemble=cfg.ensemble,
+        precision=cfg.precision,
+    )
+
+
 def count_params(model: nnx.Module) -> int:
     """Number of trainable scalars."""
     return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -31,7 +31,7 @@ from springfield import parallel
 from springfield.config import TrainConfig, to_json
 from springfield.data.pipeline import class_weights
 from springfield.errors import Interrupted
-from springfield.models import build_model, count_params, model_spec
+from springfield.models import count_params, model_of_config, model_spec
 from springfield.training import checkpoint, progress, resume, run_folder
 from springfield.training.checks import check_config, check_steps_per_epoch
 from springfield.training.epoch import end_epoch, evaluate_epoch, stopped_early, train_epoch
@@ -103,15 +103,7 @@ def train_and_evaluate(cfg: TrainConfig, console: Console) -> Path:
     total_steps = steps_per_epoch * cfg.epochs
 
     # Model, optimizer, steps; state replicated over the mesh.
-    model = build_model(
-        cfg.model,
-        len(data.classes),
-        image_size=cfg.image_size,
-        activation=cfg.activation,
-        seed=cfg.seed,
-        ensemble=cfg.ensemble,
-        precision=cfg.precision,
-    )
+    model = model_of_config(cfg, len(data.classes))
     schedule = make_schedule(
         cfg.schedule,
         lr=cfg.lr,

@@ -26,7 +26,7 @@ from rich.console import Console
 from springfield import parallel
 from springfield.config import TrainConfig, save_json
 from springfield.errors import SpringfieldError
-from springfield.models import build_model
+from springfield.models import model_of_config
 from springfield.training.checks import check_config, check_steps_per_epoch
 from springfield.training.inputs import load_data, train_iterator
 from springfield.training.optim import build_optimizer
@@ -128,15 +128,7 @@ def lr_find(
     steps_per_epoch = check_steps_per_epoch(cfg, len(data.train.index))
     epochs = math.ceil(steps / steps_per_epoch)
     mesh = parallel.make_mesh()
-    model = build_model(
-        cfg.model,
-        len(data.classes),
-        image_size=cfg.image_size,
-        activation=cfg.activation,
-        seed=cfg.seed,
-        ensemble=cfg.ensemble,
-        precision=cfg.precision,
-    )
+    model = model_of_config(cfg, len(data.classes))
     schedule = exponential_schedule(start_lr, end_lr, steps)
     # skip_nonfinite off: a NaN is the sweep's answer, not a step to skip.
     tx = build_optimizer(replace(cfg, skip_nonfinite=False), schedule)
