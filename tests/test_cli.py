@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -126,52 +121,6 @@ def test_predict_top_k_json_and_csv_including_png_named_jpg(
     top = lines[0]["top"]
     assert len(top) == 2 and top[0]["probability"] >= top[1]["probability"]
     assert sum(1 for _ in csv_path.open()) == 1 + 15 * 2
-
-
-def _train_cmd(data: Path, workdir: Path, epochs: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "springfield.cli",
-        "train",
-        "--data",
-        str(data),
-        "--workdir",
-        str(workdir),
-        "--epochs",
-        str(epochs),
-        *FAST,
-    ]
-
-
-def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(tiny_folder, tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    straight = tmp_path / "straight"
-    subprocess.run(_train_cmd(tiny_folder, straight, 4), check=True, env=env, capture_output=True)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _train_cmd(tiny_folder, killed, 4),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "checkpoints" / "10").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "eval.json").exists(), "the run finished before it was killed"
-    done = subprocess.run(
-        _train_cmd(tiny_folder, killed, 4), env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    assert "Resuming" in done.stdout
-    a = json.loads((straight / "eval.json").read_text())
-    b = json.loads((killed / "eval.json").read_text())
-    assert a["confusion"] == b["confusion"]
-    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-    rows = [json.loads(x)["epoch"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert rows == [1, 2, 3, 4]
 
 
 def _error(capsys, argv: list[str]) -> str:

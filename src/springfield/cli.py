@@ -526,16 +526,22 @@ def main(argv: list[str] | None = None) -> int:
         setup_runtime()
         COMMANDS[command](rest, console)
     except Interrupted as e:
-        Console(stderr=True).print(f"[yellow]stopped:[/] {escape(str(e))}", highlight=False)
+        _print_error(f"[yellow]stopped:[/] {escape(str(e))}")
         return 130
     except SpringfieldError as e:
         # escape: messages quote paths and runtime errors that may contain [brackets].
-        Console(stderr=True).print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        _print_error(f"[red]error:[/] {escape(str(e))}")
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print("[red]interrupted[/]")
         return 130
     return 0
+
+
+def _print_error(markup: str) -> None:
+    # soft_wrap: the terminal wraps the line, not rich, so a path longer than the window is
+    # never cut by an inserted newline and can be copied back whole.
+    Console(stderr=True).print(markup, highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":
