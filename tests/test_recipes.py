@@ -207,7 +207,9 @@ def test_tta_averages_the_logits_of_the_image_and_its_mirror():
     assert not np.allclose(both, plain)
 
 
-def test_training_with_mixup_and_tta_and_the_simpsons_preset(tiny_folder, tmp_path):
+def test_training_with_mixup_and_tta_and_the_simpsons_preset(tiny_folder, tmp_path, capsys):
+    from springfield.kernels import onednn
+
     cfg = preset_config("simpsons")
     assert cfg.model == "resnet4" and cfg.augment == "light" and cfg.label_smoothing == 0.1
     workdir = tmp_path / "run"
@@ -248,6 +250,10 @@ def test_training_with_mixup_and_tta_and_the_simpsons_preset(tiny_folder, tmp_pa
     assert saved["early_epochs"] == round(cfg.early_epochs * 2 / cfg.epochs) == 1
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["image_size"] for r in rows] == [[24, 24], [32, 32]]
+    # The preset asks for bfloat16 products: the header says when this CPU cannot give them.
+    header = " ".join(capsys.readouterr().out.split())
+    fallback = onednn.available() and not onednn.bf16_supported()
+    assert ("needs a CPU with AVX512_BF16 or AMX" in header) == fallback
     result = json.loads((workdir / "eval.json").read_text())
     assert result["num_images"] == 12 and np.isfinite(result["loss"])
 
