@@ -58,6 +58,8 @@ def test_train_writes_a_complete_run_folder(trained_run):
         "lr",
     ):
         assert np.isfinite(rows[-1][key])
+    # The command counts from its process's start (here pytest's): the first epoch only.
+    assert rows[0]["first_step_seconds"] > 0 and "first_step_seconds" not in rows[1]
     assert (trained_run / "checkpoints").is_dir()
     final = json.loads((trained_run / "eval.json").read_text())
     assert final["num_images"] == 12  # round(14 * 0.2) = 3 per class

@@ -24,7 +24,7 @@ from springfield.config import TrainConfig
 from springfield.errors import Interrupted, SpringfieldError
 from springfield.inference import DEFAULT_BATCH_SIZES
 from springfield.paths import printable
-from springfield.runtime import reexec_with_malloc_env, setup_runtime
+from springfield.runtime import process_start, reexec_with_malloc_env, setup_runtime
 
 USAGE = """usage: springfield {train,eval,predict,report,lr-find,compare,export,serve} [--help]
 
@@ -264,8 +264,8 @@ def _as_train_config(args: TrainConfig) -> TrainConfig:
 
 
 def _train(argv: list[str], console: Console) -> None:
-    from springfield.api import train
     from springfield.config import preset_config, scale_early_epochs
+    from springfield.training.loop import train
 
     preset, rest = _split_preset(argv)
     cfg = tyro.cli(
@@ -287,7 +287,7 @@ def _train(argv: list[str], console: Console) -> None:
             {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
         )
     )
-    train(cfg, console=console)
+    train(cfg, console=console, started=process_start())
 
 
 def _write_report(trained, split, predictions, result, out_dir: Path, *, samples: bool) -> Path:

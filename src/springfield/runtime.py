@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -34,6 +35,21 @@ from pathlib import Path
 CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 # jaxlib versions on which CPU_CONV_FLAG was checked to be accepted and faster.
 CHECKED_JAXLIB = ("0.10.",)
+
+
+def process_start() -> float | None:
+    """The ``time.perf_counter()`` reading at which this process started, from /proc on Linux
+    (so the interpreter's start-up, the imports and the re-exec of
+    :func:`reexec_with_malloc_env` count: exec keeps the start time); None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            # The command name (field 2) may hold spaces: count fields after its ")".
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.perf_counter() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def xla_flags_wanted() -> list[str]:

@@ -21,6 +21,7 @@ writes files and shows progress.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,11 +50,16 @@ from springfield.training.steps import init_state, make_eval_step, make_train_st
 __all__ = ["augmented_samples", "resolve", "run_eval", "train", "train_and_evaluate"]
 
 
-def train(cfg: TrainConfig, console: Console | None = None) -> Path:
+def train(
+    cfg: TrainConfig, console: Console | None = None, *, started: float | None = None
+) -> Path:
     """Train (or resume) the run described by ``cfg``; returns the run folder.
 
-    With ``--distributed`` every process calls this with the same ``cfg``.
+    With ``--distributed`` every process calls this with the same ``cfg``. ``started`` (a
+    ``time.perf_counter()`` reading, by default this call's) is what the first epoch's
+    ``first_step_seconds`` counts from: the command passes its process's start.
     """
+    started = time.perf_counter() if started is None else started
     # Devices and processes first: both must be fixed before anything starts JAX's backend.
     parallel.setup(
         cpu_devices=cfg.cpu_devices,
@@ -65,7 +71,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         timeout=cfg.distributed_timeout,
     )
     with parallel.stop_on_lost_peer(), checkpoint.disk_errors():
-        return train_and_evaluate(cfg, console or Console())
+        return train_and_evaluate(cfg, console or Console(), started)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -76,7 +82,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, workdir=workdir, image_size=image_size)
 
 
-def train_and_evaluate(cfg: TrainConfig, console: Console) -> Path:
+def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Path:
     """The whole run on this process (after :func:`train`'s device set-up); returns the run
     folder."""
     is_main = jax.process_index() == 0
@@ -140,6 +146,7 @@ def train_and_evaluate(cfg: TrainConfig, console: Console) -> Path:
         checkpoint.open_manager(workdir),
         data_iter,
         is_main,
+        started,
     )
     pos = resume.start_or_resume(setup, state, console)
     if is_main:

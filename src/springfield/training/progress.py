@@ -115,10 +115,12 @@ def log_epoch(writer: Any | None, row: dict, console: Console) -> None:
 def epoch_line(row: dict) -> str:
     """The console line of one epoch's row."""
     skipped = row.get("skipped_updates")
+    started = row.get("first_step_seconds")
     return (
         f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} acc "
         f"{row['train_accuracy']:.3f}  val loss {row['val_loss']:.4f} acc "
         f"{row['val_accuracy']:.3f}  {row['train_img_s']:.0f} img/s  "
         f"input wait {row['input_wait_fraction']:.0%}"
+        + (f"  first step {started:.1f} s after start" if started is not None else "")
         + (f"  skipped {skipped} non-finite update(s)" if skipped else "")
     )

@@ -31,6 +31,7 @@ class Setup:
     manager: ocp.CheckpointManager
     data_iter: grain.DatasetIterator
     is_main: bool
+    started: float  # time.perf_counter() when the command (or the train() call) started
 
     @property
     def total_steps(self) -> int:
