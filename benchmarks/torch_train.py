@@ -1,11 +1,14 @@
 """A plain PyTorch training script: the side ``benchmarks/endtoend.py`` races springfield with.
 
-Written the way a practitioner writes one (torchvision's ImageFolder and transforms, a
-DataLoader with worker processes, AdamW with OneCycleLR, an evaluation pass per epoch), with
+Written the way a practitioner writes one (a torchvision-style ImageFolder dataset and
+transforms, a DataLoader with worker processes, AdamW with OneCycleLR, an evaluation pass per
+epoch), with
 springfield's recipe: the same network (``resnet``, springfield's default, or ``refcnn``),
 the same optimizer, schedule, weight decay, batch size, input size and light augmentation
 (random resized crop of 70-100% of the area, horizontal flip, colour jitter 0.1). Only
-PyTorch, torchvision, Pillow and numpy: it imports nothing from springfield.
+PyTorch, Pillow and numpy: it imports nothing from springfield. (torchvision itself has no
+wheel for the CPU build of torch 2.13 on PyPI, so its ImageFolder and the four transforms
+are written out below, as torchvision defines them.)
 
     python benchmarks/torch_train.py --data SPLIT --epochs 10 [--compile] [--bf16]
 
@@ -20,10 +23,13 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageEnhance
 from torch import nn
-from torchvision import datasets, transforms
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 
 
 def process_seconds() -> float:
@@ -36,6 +42,63 @@ def process_seconds() -> float:
         return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return time.perf_counter()
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """torchvision's ImageFolder: ``root/<class>/<image>``, classes in sorted order."""
+
+    def __init__(self, root: str, transform) -> None:
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.samples = [
+            (os.path.join(root, c, f), i)
+            for i, c in enumerate(self.classes)
+            for f in sorted(os.listdir(os.path.join(root, c)))
+            if f.lower().endswith(EXTENSIONS)
+        ]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            return self.transform(im.convert("RGB")), label
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """ToTensor + Normalize(0.5, 0.5): CHW float32 in [-1, 1], as springfield normalises."""
+    x = torch.from_numpy(np.asarray(im, np.float32)).permute(2, 0, 1)
+    return x * (2.0 / 255.0) - 1.0
+
+
+def train_transform(size: tuple[int, int]):
+    """RandomResizedCrop(size, scale=(0.7, 1)), RandomHorizontalFlip, ColorJitter(0.1, 0.1,
+    0.1): springfield's ``light`` augmentation."""
+    h, w = size
+
+    def tf(im: Image.Image) -> torch.Tensor:
+        rng = np.random  # DataLoader seeds each worker's numpy generator
+        iw, ih = im.size
+        area = rng.uniform(0.7, 1.0) * iw * ih
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw = min(iw, round(np.sqrt(area * aspect)))
+        ch = min(ih, round(np.sqrt(area / aspect)))
+        x0, y0 = rng.randint(0, iw - cw + 1), rng.randint(0, ih - ch + 1)
+        im = im.resize((w, h), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+        if rng.rand() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            im = enhance(im).enhance(rng.uniform(0.9, 1.1))
+        return to_tensor(im)
+
+    return tf
+
+
+def val_transform(size: tuple[int, int]):
+    """Resize(size) (antialiased bilinear), then the tensor conversion."""
+    h, w = size
+    return lambda im: to_tensor(im.resize((w, h), Image.BILINEAR))
 
 
 class BasicBlock(nn.Module):
@@ -123,19 +186,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     size = (args.image_size, args.image_size)
-    normalise = transforms.Normalize([0.5] * 3, [0.5] * 3)  # x * 2 - 1, as springfield
-    train_tf = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True),
-            transforms.RandomHorizontalFlip(),
-            transforms.ColorJitter(0.1, 0.1, 0.1),
-            transforms.ToTensor(),
-            normalise,
-        ]
-    )
-    val_tf = transforms.Compose([transforms.Resize(size), transforms.ToTensor(), normalise])
-    train_set = datasets.ImageFolder(os.path.join(args.data, "train"), train_tf)
-    val_set = datasets.ImageFolder(os.path.join(args.data, "val"), val_tf)
+    train_set = ImageFolder(os.path.join(args.data, "train"), train_transform(size))
+    val_set = ImageFolder(os.path.join(args.data, "val"), val_transform(size))
     loader_kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0)
     train_loader = torch.utils.data.DataLoader(
         train_set, args.batch_size, shuffle=True, drop_last=True, **loader_kw

@@ -37,6 +37,11 @@ CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 CHECKED_JAXLIB = ("0.10.",)
 
 
+# XLA compiler options for programs that run once or rarely and cost little (initialising a
+# model, a finiteness check): their compile time is all that matters.
+QUICK_COMPILE = {"xla_backend_optimization_level": 0}
+
+
 def process_start() -> float | None:
     """The ``time.perf_counter()`` reading at which this process started, from /proc on Linux
     (so the interpreter's start-up, the imports and the re-exec of

@@ -8,6 +8,7 @@ the same functions run unchanged on one device or sharded over many.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from springfield.runtime import eval_compiler_options
+from springfield.runtime import QUICK_COMPILE, eval_compiler_options
 from springfield.training.optim import averaged_params
 
 
@@ -220,7 +221,7 @@ def make_eval_step(graphdef: Any, *, tta: bool = False):
     return dispatch
 
 
-@jax.jit
+@partial(jax.jit, compiler_options=QUICK_COMPILE)
 def all_finite(tree: Any) -> jax.Array:
     """Whether every floating-point number in ``tree`` is finite (one device reduction)."""
     checks = [
