@@ -1,7 +1,8 @@
 """Train/eval throughput of one CNN in springfield, PyTorch and Keras 3, on the same machine.
 
-The same network (``refcnn`` or ``seed``: same layers, init scheme, Adam, batch, input size
-and real image batch) is trained and evaluated by
+The same network (``refcnn``, ``seed``, or springfield's default ``resnet``/``resnet4``:
+same layers, Adam, batch, input size and real image batch) is trained and evaluated, each
+in float32 and in bfloat16 (the ``-bf16`` rows; the "multiplies in" column), by
 
 * ``springfield``: springfield's own jitted steps (``make_train_step``/``make_eval_step`` on
   ``springfield.models``), fed uint8 batches through ``parallel.shard_batch`` like the
@@ -11,9 +12,18 @@ and real image batch) is trained and evaluated by
   ``springfield-xla-conv`` (``SPRINGFIELD_ONEDNN=0``: XLA's convolutions),
   ``springfield-xla-default`` (that and ``SPRINGFIELD_XLA_FLAGS=0``: plain JAX) and
   ``springfield-lax-conv`` (``SPRINGFIELD_CONV=lax``);
-* ``torch-eager`` (channels_last) and ``torch-compile`` (PyTorch);
-* ``keras-tf`` (TensorFlow graph mode, oneDNN), ``keras-tf-xla`` (``jit_compile=True``) and
+* ``torch-eager`` (channels_last) and ``torch-compile`` (PyTorch), and both under
+  ``torch.autocast(dtype=torch.bfloat16)`` (``torch-eager-bf16``, ``torch-compile-bf16``);
+* ``keras-tf`` (TensorFlow graph mode, oneDNN), ``keras-tf-xla`` (``jit_compile=True``), both
+  with the ``mixed_bfloat16`` policy (``keras-tf-bf16``, ``keras-tf-xla-bf16``), and
   ``keras-jax`` (Keras 3 on the JAX backend, default XLA flags).
+
+The "springfield / this" columns compare a row with springfield's row of the same
+precision; the lines under the table name the fastest PyTorch/Keras row of each precision.
+"Of GEMM peak" is against the best 2048^3 matmul of that precision measured in the same run
+(numpy/OpenBLAS with the machine's OPENBLAS_CORETYPE/L2_SIZE overrides unset, JAX, PyTorch,
+TF). A bfloat16 row on a CPU without AVX512_BF16 or AMX measures conversions to float32,
+not bfloat16 kernels: the note under the table says which the machine has.
 
 springfield's rows (except ``springfield-xla-default``) run with the environment the
 ``springfield`` command gives itself (huge pages for malloc, ``springfield.runtime.malloc_env``);
@@ -24,8 +34,10 @@ environment variables). All workers start first; then, per configuration, the pa
 one worker at a time to build and warm up (compile time is measured alone), and then runs
 the timed repeats round-robin: repeat 1 of every framework, repeat 2 of every framework, ...
 with the starting framework rotating, so every framework sees the same machine load. Only
-one worker computes at any moment; a short pause between hand-overs lets spinning OpenMP
-threads go idle. The table shows medians over the repeats.
+one worker runs at any moment: the others are paused (SIGSTOP to their process groups, so
+no idle thread pool or compile worker of theirs takes a core) until their turn, and a short
+pause between hand-overs lets spinning OpenMP threads go idle. The table shows medians over
+the repeats.
 
 On a machine with a GPU the same command runs the JAX and PyTorch rows on the GPU (each JSON
 row's ``device`` says where it ran); rows whose framework is not installed there (e.g. Keras
@@ -44,6 +56,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,18 +107,48 @@ ROWS = {
         Row("springfield-xla-conv", "springfield-xla-conv", (("SPRINGFIELD_ONEDNN", "0"),)),
         Row("torch-eager", "torch"),
         Row("torch-compile", "torch"),
+        Row("torch-eager-bf16", "torch"),
+        Row("torch-compile-bf16", "torch"),
         Row("keras-tf", "keras-tf", (("KERAS_BACKEND", "tensorflow"),)),
         Row("keras-tf-xla", "keras-tf", (("KERAS_BACKEND", "tensorflow"),)),
+        # Keras' dtype policy is global to a process: the mixed_bfloat16 rows get their own.
+        Row("keras-tf-bf16", "keras-tf-bf16", (("KERAS_BACKEND", "tensorflow"),)),
+        Row("keras-tf-xla-bf16", "keras-tf-bf16", (("KERAS_BACKEND", "tensorflow"),)),
         Row("keras-jax", "keras-jax", (("KERAS_BACKEND", "jax"),)),
     )
 }
 DEFAULT_FRAMEWORKS = (
     "springfield,springfield-bf16,springfield-xla-conv,springfield-xla-default,torch-eager,"
-    "torch-compile,"
-    "keras-tf,keras-tf-xla,keras-jax"
+    "torch-compile,torch-eager-bf16,torch-compile-bf16,"
+    "keras-tf,keras-tf-xla,keras-tf-bf16,keras-tf-xla-bf16,keras-jax"
 )
-DEFAULT_CONFIGS = "refcnn:64:32,refcnn:64:128,refcnn:128:128,seed:160x120:32"
-# Any other springfield model name (e.g. resnet:64:64) runs in the springfield rows only.
+DEFAULT_CONFIGS = "refcnn:64:32,refcnn:64:128,refcnn:128:128,resnet:64:64,seed:160x120:32"
+
+
+def precision_of(row: str) -> str:
+    """What a row's convolutions and dense layers multiply in: ``bfloat16`` for the -bf16
+    rows (springfield ``--precision bfloat16``, torch.autocast, Keras mixed_bfloat16)."""
+    return "bfloat16" if row.endswith("-bf16") else "float32"
+
+
+# springfield's residual models, written in PyTorch (benchmarks/torch_train.py) and Keras
+# below; any other springfield model name (e.g. resnet-wide:112:64) runs in springfield only.
+RESNETS = {"resnet": (32, 64, 128), "resnet4": (32, 64, 128, 256)}
+
+
+def _resnet_flops(widths: tuple[int, ...], size: tuple[int, int]) -> float:
+    """Multiply-adds x 2 of springfield's ResNet for one image: a stride-2 3x3 stem, one
+    basic block per stage (3x3 convs, the first strided after stage 1, a 1x1 projection
+    where the shape changes), the dense head (batch norms and adds left out)."""
+    h, w = (size[0] + 1) // 2, (size[1] + 1) // 2
+    flops, cin = 2.0 * h * w * 9 * 3 * widths[0], widths[0]
+    for i, c in enumerate(widths):
+        if i > 0:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            flops += 2.0 * h * w * cin * c  # the 1x1 projection
+        flops += 2.0 * h * w * 9 * (cin + c) * c  # conv1 (cin -> c) and conv2 (c -> c)
+        cin = c
+    return flops
 
 
 @dataclass(frozen=True)
@@ -124,6 +167,10 @@ class Config:
     def forward_flops(self) -> float:
         """Multiply-adds x 2 of the conv and dense layers for one image (inference); NaN for a
         springfield-only network."""
+        if self.net in RESNETS:
+            return _resnet_flops(RESNETS[self.net], self.size) + 2.0 * RESNETS[self.net][-1] * (
+                self.classes
+            )
         if self.net not in NETS:
             return float("nan")
         net = NETS[self.net]
@@ -237,30 +284,44 @@ class SpringfieldRunner(Runner):
 
 
 class TorchRunner(Runner):
-    """PyTorch, NHWC data as a channels_last tensor; eager or torch.compile."""
+    """PyTorch, NHWC data as a channels_last tensor; eager or torch.compile; float32 or
+    ``torch.autocast`` bfloat16 (what a PyTorch user turns on for bf16 on a CPU)."""
 
-    def __init__(self, cfg: Config, images: np.ndarray, labels: np.ndarray, compiled: bool):
+    def __init__(
+        self,
+        cfg: Config,
+        images: np.ndarray,
+        labels: np.ndarray,
+        compiled: bool,
+        bf16: bool = False,
+    ) -> None:
         import torch
         from torch import nn
 
         torch.manual_seed(0)
-        layers: list[nn.Module] = []
-        (h, w), cin = cfg.size, 3
-        for c in NETS[cfg.net].convs:
-            layers += [nn.Conv2d(cin, c, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)]
-            h, w, cin = h // 2, w // 2, c
-        layers.append(nn.Flatten())
-        fin = h * w * cin
-        for d in NETS[cfg.net].dense:
-            layers += [nn.Linear(fin, d), nn.ReLU()]
-            fin = d
-        layers.append(nn.Linear(fin, cfg.classes))
-        model = nn.Sequential(*layers)
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d | nn.Linear):
-                std = _trunc_normal_std(m.weight[0].numel())
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-                nn.init.zeros_(m.bias)
+        if cfg.net in RESNETS:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from torch_train import build_model  # the end-to-end race's PyTorch network
+
+            model = build_model(cfg.net, cfg.classes, cfg.size)
+        else:
+            layers: list[nn.Module] = []
+            (h, w), cin = cfg.size, 3
+            for c in NETS[cfg.net].convs:
+                layers += [nn.Conv2d(cin, c, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)]
+                h, w, cin = h // 2, w // 2, c
+            layers.append(nn.Flatten())
+            fin = h * w * cin
+            for d in NETS[cfg.net].dense:
+                layers += [nn.Linear(fin, d), nn.ReLU()]
+                fin = d
+            layers.append(nn.Linear(fin, cfg.classes))
+            model = nn.Sequential(*layers)
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d | nn.Linear):
+                    std = _trunc_normal_std(m.weight[0].numel())
+                    nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                    nn.init.zeros_(m.bias)
         # On a GPU machine the same rows run on the GPU, as springfield's JAX rows do.
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.cuda.get_device_name() if self.dev.type == "cuda" else "cpu"
@@ -268,6 +329,7 @@ class TorchRunner(Runner):
         self.params = sum(p.numel() for p in model.parameters())
         self.opt = torch.optim.Adam(model.parameters(), lr=LR)
         self.fwd = torch.compile(self.model, dynamic=False) if compiled else self.model
+        self.autocast = torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=bf16)
         # NHWC uint8 viewed as NCHW: exactly a channels_last tensor, no copy.
         self.x = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.dev)
         self.y = torch.from_numpy(labels.astype(np.int64)).to(self.dev)
@@ -286,42 +348,51 @@ class TorchRunner(Runner):
         self.model.train()
         for _ in range(n):
             self.opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.fwd(self._norm(self.x)), self.y)
+            with self.autocast:
+                loss = F.cross_entropy(self.fwd(self._norm(self.x)), self.y)
             loss.backward()
             self.opt.step()
         self._sync()
 
     def eval(self, n: int) -> None:
         self.model.eval()
-        with self.torch.inference_mode():
+        with self.torch.inference_mode(), self.autocast:
             for _ in range(n):
                 self.fwd(self._norm(self.x))
         self._sync()
 
 
 class KerasRunner(Runner):
-    """Keras 3 on the backend named by KERAS_BACKEND (set before the worker imported it)."""
+    """Keras 3 on the backend named by KERAS_BACKEND (set before the worker imported it);
+    ``bf16``: the ``mixed_bfloat16`` policy (bfloat16 compute, float32 weights)."""
 
-    def __init__(self, cfg: Config, images: np.ndarray, labels: np.ndarray, jit: bool) -> None:
+    def __init__(
+        self, cfg: Config, images: np.ndarray, labels: np.ndarray, jit: bool, bf16: bool = False
+    ) -> None:
         import keras
         from keras import layers
 
+        keras.mixed_precision.set_global_policy("mixed_bfloat16" if bf16 else "float32")
         keras.utils.set_random_seed(0)
         init = keras.initializers.LecunNormal(seed=0)
         stack: list = [
             keras.Input((*cfg.size, 3), dtype="uint8"),
             layers.Rescaling(2.0 / 255.0, offset=-1.0),
         ]
-        for c in NETS[cfg.net].convs:
-            stack += [
-                layers.Conv2D(c, 3, padding="same", activation="relu", kernel_initializer=init),
-                layers.AveragePooling2D(2),
-            ]
-        stack.append(layers.Flatten())
-        for d in NETS[cfg.net].dense:
-            stack.append(layers.Dense(d, activation="relu", kernel_initializer=init))
-        stack.append(layers.Dense(cfg.classes, kernel_initializer=init))
-        self.model = keras.Sequential(stack)
+        if cfg.net in RESNETS:
+            self.model = _keras_resnet(keras, stack, RESNETS[cfg.net], cfg.classes)
+        else:
+            for c in NETS[cfg.net].convs:
+                stack += [
+                    layers.Conv2D(c, 3, padding="same", activation="relu", kernel_initializer=init),
+                    layers.AveragePooling2D(2),
+                ]
+            stack.append(layers.Flatten())
+            for d in NETS[cfg.net].dense:
+                stack.append(layers.Dense(d, activation="relu", kernel_initializer=init))
+            # float32 logits, as Keras' mixed-precision guide has the last layer.
+            stack.append(layers.Dense(cfg.classes, kernel_initializer=init, dtype="float32"))
+            self.model = keras.Sequential(stack)
         self.model.compile(
             optimizer=keras.optimizers.Adam(LR, epsilon=1e-8),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -339,58 +410,122 @@ class KerasRunner(Runner):
             self.model.predict_on_batch(self.x)
 
 
+def _keras_resnet(keras, stack: list, widths: tuple[int, ...], classes: int):
+    """springfield's ResNet in Keras' functional API (BatchNorm momentum 0.9, epsilon 1e-5
+    as flax's; no conv biases; global average pool; float32 logits)."""
+    from keras import layers
+
+    def bn(x):
+        return layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x)
+
+    def conv(x, c, k, stride):
+        return layers.Conv2D(c, k, strides=stride, padding="same", use_bias=False)(x)
+
+    inputs = stack[0]
+    x = stack[1](inputs)
+    x = layers.ReLU()(bn(conv(x, widths[0], 3, 2)))
+    cin = widths[0]
+    for i, c in enumerate(widths):
+        stride = 2 if i > 0 else 1
+        y = layers.ReLU()(bn(conv(x, c, 3, stride)))
+        y = bn(conv(y, c, 3, 1))
+        if stride != 1 or cin != c:
+            x = bn(conv(x, c, 1, stride))
+        x = layers.ReLU()(layers.Add()([y, x]))
+        cin = c
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(classes, dtype="float32")(x))
+
+
 def make_runner(row: str, cfg: Config, images: np.ndarray, labels: np.ndarray) -> Runner:
     """The runner of framework row ``row``."""
     if row.startswith("springfield"):
         precision = "bfloat16" if row.endswith("-bf16") else "float32"
         return SpringfieldRunner(cfg, images, labels, precision)
-    if cfg.net not in NETS:
+    if cfg.net not in NETS and cfg.net not in RESNETS:
         raise NotImplementedError(f"{cfg.net} is a springfield-only network")
+    bf16 = precision_of(row) == "bfloat16"
     if row.startswith("torch"):
-        return TorchRunner(cfg, images, labels, compiled=row == "torch-compile")
+        return TorchRunner(cfg, images, labels, compiled="compile" in row, bf16=bf16)
     if row.startswith("keras"):
-        return KerasRunner(cfg, images, labels, jit=row != "keras-tf")
+        return KerasRunner(cfg, images, labels, jit="xla" in row or "jax" in row, bf16=bf16)
     raise ValueError(row)
 
 
-def gemm_gflops(proc: str, n: int = 2048, reps: int = 10) -> float:
-    """Best float32 n x n matmul rate of this worker's framework, in GFLOP/s."""
-    if proc.startswith(("springfield", "keras-jax")):
-        import jax
-        import jax.numpy as jnp
+def gemm_gflops(proc: str, n: int = 2048, reps: int = 10) -> dict[str, float]:
+    """Best n x n matmul rate of this worker's framework in GFLOP/s, in float32 and in
+    bfloat16 (bfloat16 inputs; float32 accumulation where the framework chooses it)."""
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        if proc.startswith(("springfield", "keras-jax")):
+            import jax
+            import jax.numpy as jnp
 
-        a = jnp.ones((n, n), jnp.float32)
-        mm = jax.jit(lambda a: a @ a)
+            a = jnp.ones((n, n), getattr(jnp, dtype))
+            mm = jax.jit(lambda a: a @ a)
 
-        def run(k):
-            for _ in range(k):
-                r = mm(a)
-            r.block_until_ready()
-    elif proc == "torch":
-        import torch
+            def run(k, a=a, mm=mm):
+                for _ in range(k):
+                    r = mm(a)
+                r.block_until_ready()
+        elif proc == "torch":
+            import torch
 
-        cuda = torch.cuda.is_available()
-        a = torch.ones(n, n, device="cuda" if cuda else "cpu")
+            cuda = torch.cuda.is_available()
+            a = torch.ones(n, n, device="cuda" if cuda else "cpu", dtype=getattr(torch, dtype))
 
-        def run(k):
-            for _ in range(k):
-                torch.mm(a, a)
-            if cuda:
-                torch.cuda.synchronize()
-    else:
-        import tensorflow as tf
+            def run(k, a=a, cuda=cuda):
+                for _ in range(k):
+                    torch.mm(a, a)
+                if cuda:
+                    torch.cuda.synchronize()
+        else:
+            import tensorflow as tf
 
-        a = tf.ones((n, n))
-        mm = tf.function(lambda a: tf.linalg.matmul(a, a))
+            a = tf.ones((n, n), dtype=dtype)
+            mm = tf.function(lambda a: tf.linalg.matmul(a, a))
 
-        def run(k):
-            for _ in range(k):
-                r = mm(a)
-            r.numpy()
+            def run(k, a=a, mm=mm):
+                for _ in range(k):
+                    r = mm(a)
+                r.numpy()
 
-    run(2)
-    best = min(_timed(run, reps) for _ in range(3)) / reps
-    return 2.0 * n**3 / best / 1e9
+        # A CPU without bfloat16 units can take seconds per product: bounded repeats.
+        one = _timed(run, 1)
+        k = max(1, min(reps, round(1.0 / one)))
+        best = min([one, *(_timed(run, k) / k for _ in range(3 if one < 1.0 else 0))])
+        out[dtype] = 2.0 * n**3 / best / 1e9
+    return out
+
+
+NUMPY_GEMM = """
+import json, time, numpy as np
+from threadpoolctl import threadpool_info
+a = np.ones((2048, 2048), np.float32)
+a @ a
+times = []
+for _ in range(10):
+    t = time.perf_counter()
+    a @ a
+    times.append(time.perf_counter() - t)
+info = [(i["internal_api"], i.get("architecture")) for i in threadpool_info()]
+print(json.dumps({"gflops": 2 * 2048**3 / min(times) / 1e9, "kernel": info}))
+"""
+
+
+def numpy_gemm(python: str) -> dict:
+    """numpy's float32 2048^3 matmul in a fresh process with OPENBLAS_CORETYPE and
+    OPENBLAS_L2_SIZE unset (machine-wide overrides that slow a current OpenBLAS), and the
+    BLAS kernel it then ran (threadpoolctl)."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+    }
+    done = subprocess.run(
+        [python, "-c", NUMPY_GEMM], env=env, capture_output=True, text=True, timeout=300
+    )
+    if done.returncode != 0:
+        return {"error": done.stderr.strip()[-200:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def worker_main(proc: str) -> None:
@@ -410,7 +545,7 @@ def worker_main(proc: str) -> None:
             if op == "quit":
                 break
             if op == "gemm":
-                reply = {"gflops": gemm_gflops(proc)}
+                reply = {"gflops": gemm_gflops(proc)}  # {"float32": .., "bfloat16": ..}
             elif op == "setup":
                 reply = _setup(req, runners, steps)
             elif op in ("train", "eval"):
@@ -469,6 +604,17 @@ def _setup(req: dict, runners: dict, steps: dict) -> dict:
 # Parent: data, scheduling, table.
 
 
+def _die_with_parent() -> None:
+    # In a session of its own a worker outlives a killed parent, paused ones forever: the
+    # kernel kills it when the parent dies (Linux; elsewhere close() is all there is).
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Worker:
     """A worker subprocess speaking one JSON line per request."""
 
@@ -483,9 +629,25 @@ class Worker:
             stderr=None if os.environ.get("BENCH_VERBOSE") else subprocess.DEVNULL,
             text=True,
             env=full_env,
+            start_new_session=True,  # its own process group: paused with its helpers
+            preexec_fn=_die_with_parent,
         )
+        self.paused = False
+
+    def pause(self, on: bool) -> None:
+        """Stop (SIGSTOP) or continue (SIGCONT) the worker and every process it started
+        (torch.compile's compile workers, Keras' threads live inside it), so that another
+        framework is timed with the machine to itself."""
+        if on == self.paused or self.p.poll() is not None:
+            return
+        try:
+            os.killpg(self.p.pid, signal.SIGSTOP if on else signal.SIGCONT)
+        except ProcessLookupError:
+            return
+        self.paused = on
 
     def ask(self, **req) -> dict:
+        self.pause(False)
         if self.p.poll() is not None:
             return {"error": f"worker {self.proc} exited with {self.p.returncode}"}
         self.p.stdin.write(json.dumps(req) + "\n")
@@ -496,6 +658,7 @@ class Worker:
         return json.loads(line)
 
     def close(self) -> None:
+        self.pause(False)
         if self.p.poll() is None:
             try:
                 self.ask(op="quit")
@@ -554,19 +717,44 @@ def wait_idle(threshold: float, max_wait: float) -> float:
     return idle
 
 
-def measure_peaks(procs: dict, peaks: dict[str, float], args: argparse.Namespace) -> None:
-    """Each worker's best 2048^3 float32 matmul so far (measured again after every
-    configuration: a single measurement on a shared machine can land in a busy moment)."""
+def alone(procs: dict, worker: Worker) -> None:
+    """Pause every worker but ``worker``: the one being timed has the machine to itself."""
+    for w in procs.values():
+        w.pause(w is not worker)
+
+
+def measure_peaks(procs: dict, peaks: dict, args: argparse.Namespace) -> None:
+    """Each worker's best 2048^3 float32 and bfloat16 matmul so far, and numpy's float32
+    (measured again after every configuration: a single measurement on a shared machine can
+    land in a busy moment). ``peaks[(source, dtype)]`` is in GFLOP/s."""
     for proc, w in procs.items():
         if args.wait_idle > 0:
             wait_idle(args.wait_idle, args.wait_max)
+        alone(procs, w)
         r = w.ask(op="gemm")
-        if "gflops" in r:
-            peaks[proc] = max(peaks.get(proc, 0.0), r["gflops"])
+        for dtype, gflops in r.get("gflops", {}).items():
+            peaks[(proc, dtype)] = max(peaks.get((proc, dtype), 0.0), gflops)
         time.sleep(args.pause)
+    for w in procs.values():
+        w.pause(True)
+    r = numpy_gemm(args.python)
+    for w in procs.values():
+        w.pause(False)
+    if "gflops" in r:
+        peaks[("numpy", "float32")] = max(peaks.get(("numpy", "float32"), 0.0), r["gflops"])
+        peaks["numpy_kernel"] = r["kernel"]
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def best_peaks(peaks: dict) -> dict[str, tuple[float, str]]:
+    """``{dtype: (GFLOP/s, source)}``: the best matmul of each precision in this run."""
+    best: dict[str, tuple[float, str]] = {}
+    for key, gflops in peaks.items():
+        if isinstance(key, tuple) and gflops > best.get(key[1], (0.0, ""))[0]:
+            best[key[1]] = (gflops, key[0])
+    return best
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     names = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     for name in names:
         if name not in ROWS:
@@ -605,10 +793,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             procs[row.proc] = Worker(row.proc, env, args.python)
     say(f"workers: {', '.join(procs)}; configs: {', '.join(c.key for c in configs)}")
 
-    peaks: dict[str, float] = {}
+    peaks: dict = {}
     measure_peaks(procs, peaks, args)
-    peak = max(peaks.values(), default=float("nan"))
-    say("GEMM 2048^3 float32 GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
+    say(
+        "GEMM 2048^3 GFLOP/s: "
+        + ", ".join(f"{k[0]} {k[1]} {v:.0f}" for k, v in peaks.items() if isinstance(k, tuple))
+    )
 
     results = []
     try:
@@ -616,6 +806,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             live, info = [], {}
             for name in names:
                 w = procs[ROWS[name].proc]
+                alone(procs, w)  # compile times measured alone too
                 r = w.ask(
                     op="setup",
                     row=name,
@@ -649,9 +840,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                     for name in order:
                         if args.wait_idle > 0:
                             idles[(name, op)].append(wait_idle(args.wait_idle, args.wait_max))
-                        r = procs[ROWS[name].proc].ask(
-                            op=op, row=name, config=cfg.key, batch=cfg.batch
-                        )
+                        w = procs[ROWS[name].proc]
+                        alone(procs, w)
+                        r = w.ask(op=op, row=name, config=cfg.key, batch=cfg.batch)
                         time.sleep(args.pause)
                         if "img_s" in r:
                             times[(name, op)].append(r["img_s"])
@@ -665,6 +856,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 results.append(
                     {
                         "framework": name,
+                        "precision": precision_of(name),
                         "network": cfg.net,
                         "image_size": list(cfg.size),
                         "batch_size": cfg.batch,
@@ -682,14 +874,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                     }
                 )
             measure_peaks(procs, peaks, args)
-            peak = max(peaks.values(), default=float("nan"))
-            _add_ratios(results, peak)
-            say(markdown(results, peak, args))
+            _add_ratios(results, peaks)
+            say(markdown(results, peaks, args))
     finally:
         for w in procs.values():
             w.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    return results
+    return results, peaks
 
 
 def _finite(x: float) -> float | None:
@@ -701,49 +892,111 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _add_ratios(results: list[dict], peak: float) -> None:
+def _add_ratios(results: list[dict], peaks: dict) -> None:
+    """Each row's share of the best matmul of its own precision, and springfield's speed over
+    it (springfield's row of the same precision: ``springfield`` or ``springfield-bf16``)."""
+    best = best_peaks(peaks)
     for r in results:
-        r["gemm_peak_gflops"] = peak
-        r["peak_fraction"] = _finite(r["gflops"] / peak) if r["gflops"] else None
+        gflops, source = best.get(r["precision"], (float("nan"), "none"))
+        r["gemm_peak_gflops"], r["gemm_peak_source"] = gflops, source
+        r["peak_fraction"] = _finite(r["gflops"] / gflops) if r["gflops"] else None
     base = {
-        (r["network"], tuple(r["image_size"]), r["batch_size"]): r
+        (r["precision"], r["network"], tuple(r["image_size"]), r["batch_size"]): r
         for r in results
-        if r["framework"] == "springfield"
+        if r["framework"] in ("springfield", "springfield-bf16")
     }
     for r in results:
-        b = base.get((r["network"], tuple(r["image_size"]), r["batch_size"]))
+        b = base.get((r["precision"], r["network"], tuple(r["image_size"]), r["batch_size"]))
         if b:
             # springfield / this row: above 1 means springfield is faster.
             r["springfield_train_ratio"] = b["train_img_s"] / r["train_img_s"]
             r["springfield_eval_ratio"] = b["eval_img_s"] / r["eval_img_s"]
 
 
-def markdown(results: list[dict], peak: float, args: argparse.Namespace) -> str:
-    """The results as one markdown table (plus a line on how they were measured)."""
+def versus_peers(results: list[dict]) -> list[str]:
+    """One line per configuration and precision: springfield against the fastest peer
+    framework (PyTorch or Keras, not springfield's own variants) of that precision."""
+    lines = []
+    keys = {
+        (r["network"], tuple(r["image_size"]), r["batch_size"], r["precision"]) for r in results
+    }
+    for net, size, batch, precision in sorted(keys):
+        rows = [
+            r
+            for r in results
+            if (r["network"], tuple(r["image_size"]), r["batch_size"], r["precision"])
+            == (net, size, batch, precision)
+        ]
+        ours = [r for r in rows if r["framework"] in ("springfield", "springfield-bf16")]
+        peers = [r for r in rows if not r["framework"].startswith("springfield")]
+        if not ours or not peers:
+            continue
+        parts = []
+        for op in ("train", "eval"):
+            top = max(peers, key=lambda r: r[f"{op}_img_s"])
+            ratio = ours[0][f"{op}_img_s"] / top[f"{op}_img_s"]
+            parts.append(f"{op} {ratio:.2f}x of {top['framework']} ({top[f'{op}_img_s']:.0f})")
+        lines.append(f"{net} {size[0]}x{size[1]} batch {batch}, {precision}: " + ", ".join(parts))
+    return lines
+
+
+def markdown(results: list[dict], peaks: dict, args: argparse.Namespace) -> str:
+    """The results as one markdown table (plus how they were measured and springfield
+    against the fastest peer of each precision)."""
     head = (
-        "| framework | network | input | batch | train img/s | eval img/s | first step s "
-        "| train GFLOP/s | of GEMM peak | springfield / this, train | springfield / this, eval |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| framework | multiplies in | network | input | batch | train img/s | eval img/s "
+        "| first step s | train GFLOP/s | of GEMM peak | springfield / this, train "
+        "| springfield / this, eval |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in results:
         tr = r["train_img_s_runs"]
         lines.append(
-            f"| {r['framework']} | {r['network']} | {r['image_size'][0]}x{r['image_size'][1]} "
+            f"| {r['framework']} | {r['precision']} | {r['network']} "
+            f"| {r['image_size'][0]}x{r['image_size'][1]} "
             f"| {r['batch_size']} | {r['train_img_s']:.0f} ({min(tr):.0f}-{max(tr):.0f}) "
             f"| {r['eval_img_s']:.0f} | {r['first_step_s']:.2f} | {_fmt(r['gflops'], '.0f')} "
             f"| {_fmt(r['peak_fraction'], '.0%')} "
             f"| {_fmt(r.get('springfield_train_ratio'), '.2f')} "
             f"| {_fmt(r.get('springfield_eval_ratio'), '.2f')} |"
         )
+    best = best_peaks(peaks)
+    peak_text = "; ".join(
+        f"{dtype} {g:.0f} GFLOP/s ({src})" for dtype, (g, src) in sorted(best.items())
+    )
+    kernel = peaks.get("numpy_kernel")
+    bf16 = "native" if cpu_has_bf16() else "NOT native on this CPU (no AVX512_BF16/AMX)"
     note = (
-        "\nfloat32 (but the products of -bf16 rows' convolutions), "
-        f"median of {args.repeats} interleaved repeats of ~{args.repeat_seconds:g} s; "
-        f"GEMM peak {peak:.0f} GFLOP/s (best 2048^3 matmul of any framework in this run); "
+        "\nspringfield / this compares rows of the same precision; "
+        f"median of {args.repeats} interleaved repeats of ~{args.repeat_seconds:g} s, each "
+        "framework alone (the others paused); "
+        f"GEMM peaks (best 2048^3 matmul of numpy, JAX, PyTorch and TF in this run): "
+        f"{peak_text}; numpy's BLAS: {kernel}; bfloat16 products {bf16}; "
         "train GFLOP/s = 3 x forward conv+dense FLOPs x img/s; first step includes compilation; "
         f"devices: {', '.join(sorted({str(r.get('device', '?')) for r in results}))}.\n"
     )
-    return head + "\n".join(lines) + "\n" + note
+    versus = versus_peers(results)
+    return (
+        head
+        + "\n".join(lines)
+        + "\n"
+        + note
+        + (
+            "\nspringfield against the fastest peer:\n" + "\n".join(f"- {v}" for v in versus) + "\n"
+            if versus
+            else ""
+        )
+    )
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def main() -> None:
@@ -780,8 +1033,8 @@ def main() -> None:
         return
     t0 = time.time()
     load = os.getloadavg()[0]
-    results = run(args)
-    table = markdown(results, results[0]["gemm_peak_gflops"] if results else float("nan"), args)
+    results, peaks = run(args)
+    table = markdown(results, peaks, args)
     footer = (
         f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average {load:.2f} at "
         f"start / {os.getloadavg()[0]:.2f} at end, {time.time() - t0:.0f} s\n"
