@@ -3,6 +3,7 @@ and is called as ``model(x, train=..., rngs=...)``."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -125,25 +126,42 @@ def build_model(
     :class:`~springfield.models.ensemble.Ensemble`. ``precision`` is that of the
     convolutions' products (:func:`springfield.models.layers.conv_precision`).
     """
-    spec = check_image_size(name, image_size)
+    check_image_size(name, image_size)
     check_ensemble(ensemble)
-    h, w = image_size
-    act = get_activation(activation)
+    key = (name, num_classes, tuple(image_size), get_activation(activation), seed, ensemble)
+    # The structure is traced anew each time: the convolution a layer uses is chosen when
+    # it is built (SPRINGFIELD_CONV, SPRINGFIELD_ONEDNN, the precision).
+    graphdef = nnx.split(nnx.eval_shape(lambda: _construct(*key, precision)))[0]
+    return nnx.merge(graphdef, _init_program(*key, precision)())
 
-    def build() -> nnx.Module:
-        # One Rngs stream for all members: each draws the next keys, so each starts elsewhere.
-        rngs = nnx.Rngs(params=seed)
-        with conv_precision(precision):
-            members = [spec.build(num_classes, (h, w), act, rngs) for _ in range(ensemble)]
-        return members[0] if ensemble == 1 else Ensemble(members)
 
-    # Built eagerly, every initialiser compiles a program of its own (a truncated normal
-    # per weight shape): 18 s for the default model on a busy 2-core Zen 3. One program for
-    # all of them, compiled without LLVM's optimisations (it runs once), took 3.7 s there;
-    # its weights differ from the eager ones in the last bits at most.
-    graphdef = nnx.split(nnx.eval_shape(build))[0]
-    state = jax.jit(lambda: nnx.state(build()), compiler_options=QUICK_COMPILE)()
-    return nnx.merge(graphdef, state)
+def _construct(
+    name: str,
+    num_classes: int,
+    size: tuple[int, int],
+    act: Callable,
+    seed: int,
+    ensemble: int,
+    precision: str,
+) -> nnx.Module:
+    # One Rngs stream for all members: each draws the next keys, so each starts elsewhere.
+    rngs = nnx.Rngs(params=seed)
+    with conv_precision(precision):
+        members = [MODELS[name].build(num_classes, size, act, rngs) for _ in range(ensemble)]
+    return members[0] if ensemble == 1 else Ensemble(members)
+
+
+@functools.lru_cache(maxsize=32)
+def _init_program(*key) -> Callable[[], nnx.State]:
+    """The jitted program computing the initial weights of :func:`_construct` ``(*key)``.
+
+    Built eagerly, every initialiser compiles a program of its own (a truncated normal per
+    weight shape): 18 s for the default model on a busy 2-core Zen 3. One program for all
+    of them, compiled without LLVM's optimisations (it runs once), took 3.7 s there, and is
+    kept for the next model of the same kind (tests, ensembles of runs, the LR finder). Its
+    weights differ from the eager ones in the last bits at most.
+    """
+    return jax.jit(lambda: nnx.state(_construct(*key)), compiler_options=QUICK_COMPILE)
 
 
 def model_of_config(cfg, num_classes: int) -> nnx.Module:
