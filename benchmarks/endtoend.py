@@ -43,9 +43,7 @@ def write_split(data: Path, classes: list[str] | None, seed: int, out: Path) -> 
     """springfield's scene-aware split of ``data`` as ``out/train`` and ``out/val`` links."""
     from springfield.data.index import load_splits
 
-    train, val = load_splits(
-        data, val_fraction=0.2, seed=seed, classes=classes, group_threshold=20.0
-    )
+    train, val = load_splits(data, val_fraction=0.2, seed=seed, only=classes, group_threshold=20.0)
     for name, index in (("train", train), ("val", val)):
         for path, label in zip(index.paths, index.labels, strict=True):
             folder = out / name / index.classes[label]
