@@ -62,22 +62,9 @@ def built_kernels() -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX); elsewhere oneDNN
-    and XLA convert to float32 and a bf16 row measures the conversions, not bf16 kernels."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def run_springfield(args: argparse.Namespace, split: Path, precision: str, work: Path) -> dict:
-    """One ``springfield train`` process from a cold cache; its numbers from the run folder."""
-    run_dir = work / f"springfield-{args.model}-{precision}"
-    cmd = [
-        str(Path(args.springfield_python).parent / "springfield"),
-        "train",
+def _shared_flags(args: argparse.Namespace, split: Path) -> list[str]:
+    """The flags both sides take with the same meaning, ending with ``--image-size N``."""
+    return [
         "--data",
         str(split),
         "--model",
@@ -86,13 +73,23 @@ def run_springfield(args: argparse.Namespace, split: Path, precision: str, work:
         str(args.epochs),
         "--batch-size",
         str(args.batch_size),
-        "--image-size",
-        str(args.image_size),
-        str(args.image_size),
-        "--precision",
-        precision,
         "--seed",
         str(args.seed),
+        "--image-size",
+        str(args.image_size),
+    ]
+
+
+def run_springfield(args: argparse.Namespace, split: Path, precision: str, work: Path) -> dict:
+    """One ``springfield train`` process from a cold cache; its numbers from the run folder."""
+    run_dir = work / f"springfield-{args.model}-{precision}"
+    cmd = [
+        str(Path(args.springfield_python).parent / "springfield"),
+        "train",
+        *_shared_flags(args, split),
+        str(args.image_size),  # springfield's --image-size takes H W
+        "--precision",
+        precision,
         "--workdir",
         str(run_dir),
     ]
@@ -122,20 +119,9 @@ def run_torch(args: argparse.Namespace, split: Path, mode: str, bf16: bool, work
     cmd = [
         args.torch_python,
         str(HERE / "torch_train.py"),
-        "--data",
-        str(split),
-        "--model",
-        args.model,
-        "--epochs",
-        str(args.epochs),
-        "--batch-size",
-        str(args.batch_size),
-        "--image-size",
-        str(args.image_size),
+        *_shared_flags(args, split),
         "--workers",
         str(args.torch_workers),
-        "--seed",
-        str(args.seed),
         *(["--compile"] if mode == "compile" else []),
         *(["--bf16"] if bf16 else []),
     ]
@@ -229,6 +215,7 @@ def main() -> None:
     p.add_argument("--markdown", type=Path, default=None, help="write the table here")
     args = p.parse_args()
 
+    from springfield import runtime
     from springfield.data.synthetic import ensure_default_dataset
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="springfield-e2e-")).absolute()
@@ -237,7 +224,7 @@ def main() -> None:
     shutil.rmtree(split, ignore_errors=True)
     data = args.data.expanduser() if args.data else ensure_default_dataset()
     info = write_split(data, args.classes, args.seed, split)
-    info["cpu_bf16"] = cpu_has_bf16()
+    info["cpu_bf16"] = runtime.cpu_has_bf16()
     args.kernels = built_kernels()
     print(f"split: {info['train']} train / {info['val']} val images in {split}", flush=True)
 

@@ -943,6 +943,8 @@ def versus_peers(results: list[dict]) -> list[str]:
 def markdown(results: list[dict], peaks: dict, args: argparse.Namespace) -> str:
     """The results as one markdown table (plus how they were measured and springfield
     against the fastest peer of each precision)."""
+    from springfield import runtime
+
     head = (
         "| framework | multiplies in | network | input | batch | train img/s | eval img/s "
         "| first step s | train GFLOP/s | of GEMM peak | springfield / this, train "
@@ -966,7 +968,7 @@ def markdown(results: list[dict], peaks: dict, args: argparse.Namespace) -> str:
         f"{dtype} {g:.0f} GFLOP/s ({src})" for dtype, (g, src) in sorted(best.items())
     )
     kernel = peaks.get("numpy_kernel")
-    bf16 = "native" if cpu_has_bf16() else "NOT native on this CPU (no AVX512_BF16/AMX)"
+    bf16 = "native" if runtime.cpu_has_bf16() else "NOT native on this CPU (no AVX512_BF16/AMX)"
     note = (
         "\nspringfield / this compares rows of the same precision; "
         f"median of {args.repeats} interleaved repeats of ~{args.repeat_seconds:g} s, each "
@@ -988,15 +990,6 @@ def markdown(results: list[dict], peaks: dict, args: argparse.Namespace) -> str:
             else ""
         )
     )
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def main() -> None:

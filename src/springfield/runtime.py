@@ -25,6 +25,7 @@ the reference CNN 1.2x faster (docs/performance.md). ``SPRINGFIELD_HUGEPAGES=0``
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -55,6 +56,18 @@ def process_start() -> float | None:
         return time.perf_counter() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError, AttributeError):
         return None
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX). Without
+    them oneDNN and XLA convert bfloat16 to float32 and back around every product, so
+    bfloat16 is slower than float32, for springfield and for every framework alike."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def xla_flags_wanted() -> list[str]:
