@@ -174,6 +174,30 @@ def test_ctrl_c_with_worker_processes_saves_a_checkpoint_and_resumes_exactly(
     assert_same_run(straight, workdir)
 
 
+def test_a_second_run_takes_its_compiled_programs_from_the_cache_and_is_identical(
+    tiny_folder, tmp_path, straight
+):
+    env = {**_child_env(), "SPRINGFIELD_CACHE": str(tmp_path / "cache")}
+    xla = tmp_path / "cache" / "xla"
+
+    def train(workdir: Path) -> None:
+        cmd = _cmd(tiny_folder, workdir, "--checkpoint-every", "2")
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_LIMIT_S)
+        assert done.returncode == 0, done.stderr
+        assert "compilation cache" not in done.stderr  # JAX warns when an entry is unreadable
+
+    train(tmp_path / "first")
+    entries = sorted(p.name for p in xla.glob("*-cache"))
+    assert any(name.startswith("jit_train_step") for name in entries), entries
+    assert any(name.startswith("jit_eval_step") for name in entries), entries
+    train(tmp_path / "second")
+    # Nothing new written: every program the second run needed came from the cache...
+    assert sorted(p.name for p in xla.glob("*-cache")) == entries
+    # ...and computes what the compiler's fresh programs computed, to the bit.
+    assert_same_run(straight, tmp_path / "first")
+    assert_same_run(straight, tmp_path / "second")
+
+
 def test_sigkill_during_an_async_checkpoint_save_then_resume_is_bit_identical(
     tiny_folder, tmp_path, straight
 ):

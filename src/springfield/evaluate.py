@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from springfield import runtime
 from springfield.config import TrainConfig, from_json
 from springfield.data.decode import load_rgb
 from springfield.errors import BadImageError, SpringfieldError
@@ -54,6 +55,7 @@ def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
     A run trained with a ``module:function`` activation is refused unless ``allow_import``:
     importing that module would run its code.
     """
+    runtime.use_compilation_cache()
     run_dir = Path(run_dir).expanduser().absolute()
     cfg_path, classes_path = run_dir / "config.json", run_dir / "classes.json"
     if not cfg_path.exists() or not classes_path.exists():

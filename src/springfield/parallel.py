@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from springfield import runtime
 from springfield.errors import SpringfieldError
 
 # Words in the runtime errors raised when a collective or barrier loses a peer process.
@@ -82,6 +83,7 @@ def setup(
         )
     if timeout < 1:
         raise SpringfieldError(f"--distributed-timeout {timeout}: must be at least 1 second.")
+    runtime.use_compilation_cache()
     set_cpu_devices(cpu_devices)
     if distributed:
         init_distributed(coordinator, num_processes, process_id, timeout=timeout)

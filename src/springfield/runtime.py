@@ -146,6 +146,46 @@ def reexec_with_malloc_env() -> None:
         return
 
 
+# Only compilations at least this long are written: the train and eval steps, the model's
+# initialisation; not the hundreds of tiny eager operations, which compile in milliseconds.
+XLA_CACHE_MIN_SECONDS = 0.2
+XLA_CACHE_MAX_BYTES = 2 << 30
+_xla_cache_dir: str | None = None  # the directory this module configured, if any
+
+
+def use_compilation_cache() -> None:
+    """Keep compiled XLA programs in ``<springfield cache>/xla`` (JAX's persistent cache),
+    so that a second run of the same model, shapes and settings skips the compilation
+    that takes most of a run's start-up (docs/performance.md).
+
+    JAX keys each program by its HLO, the compiler options and flags, and the jax/jaxlib
+    versions and devices, so a changed model or upgrade compiles afresh; the oldest entries
+    go beyond 2 GiB. A cache directory the user configured for JAX is left as it is;
+    ``SPRINGFIELD_XLA_CACHE=0`` turns this off.
+    """
+    if os.environ.get("SPRINGFIELD_XLA_CACHE", "1") == "0":
+        return
+    import jax
+
+    from springfield.paths import cache_root
+
+    global _xla_cache_dir
+    configured = jax.config.jax_compilation_cache_dir
+    if configured and configured != _xla_cache_dir:  # the user's own
+        return
+    wanted = str(cache_root() / "xla")
+    if configured == wanted:
+        return
+    if configured:  # $SPRINGFIELD_CACHE changed since (benchmarks/accuracy.py --cold)
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()
+    _xla_cache_dir = wanted
+    jax.config.update("jax_compilation_cache_dir", wanted)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", XLA_CACHE_MIN_SECONDS)
+    jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_MAX_BYTES)
+
+
 def setup_runtime() -> None:
     """Add springfield's XLA flags (before JAX initialises) and mark absl flags parsed.
 

@@ -43,7 +43,7 @@ from springfield.training.final import finish
 from springfield.training.inputs import augmented_samples, load_data, train_iterator
 from springfield.training.interrupts import stop_requests
 from springfield.training.lr_find import auto_lr
-from springfield.training.optim import build_optimizer, make_schedule
+from springfield.training.optim import build_optimizer, lr_of_step, make_schedule
 from springfield.training.resume import Setup
 from springfield.training.steps import init_state, make_eval_step, make_train_step
 
@@ -117,6 +117,7 @@ def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Pa
         warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
     )
     tx = build_optimizer(cfg, schedule)
+    lr_at = lr_of_step(schedule)
     graphdef, state = init_state(model, tx)
     state = parallel.replicate(state, mesh)
     train_step = make_train_step(
@@ -160,7 +161,7 @@ def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Pa
         bar.update(task, completed=step, loss=f"{loss:.3f}")
         if writer is not None:
             writer.add_scalar("step/loss", loss, step)
-            writer.add_scalar("step/lr", float(schedule(step - 1)), step)
+            writer.add_scalar("step/lr", lr_at(step - 1), step)
 
     # Ctrl-C / SIGTERM stop the run between steps (see interrupts.py). With several
     # processes they would stop at different steps and hang the others' collectives.
@@ -175,9 +176,7 @@ def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Pa
                 timing = train_epoch(setup, pos, train_step, key, stop, on_loss)
                 if pos.step % steps_per_epoch:  # stopped mid-epoch
                     break
-                row = evaluate_epoch(
-                    setup, pos, eval_step, data, timing, float(schedule(pos.step - 1))
-                )
+                row = evaluate_epoch(setup, pos, eval_step, data, timing, lr_at(pos.step - 1))
                 end_epoch(setup, pos, row)
                 if is_main:
                     progress.log_epoch(writer, row, bar.console)

@@ -29,7 +29,7 @@ from springfield.errors import SpringfieldError
 from springfield.models import model_of_config
 from springfield.training.checks import check_config, check_steps_per_epoch
 from springfield.training.inputs import load_data, train_iterator
-from springfield.training.optim import build_optimizer
+from springfield.training.optim import build_optimizer, lr_of_step
 from springfield.training.steps import init_state, make_train_step
 
 RULE = (
@@ -130,6 +130,7 @@ def lr_find(
     mesh = parallel.make_mesh()
     model = model_of_config(cfg, len(data.classes))
     schedule = exponential_schedule(start_lr, end_lr, steps)
+    lr_at = lr_of_step(schedule)
     # skip_nonfinite off: a NaN is the sweep's answer, not a step to skip.
     tx = build_optimizer(replace(cfg, skip_nonfinite=False), schedule)
     graphdef, state = init_state(model, tx)
@@ -155,7 +156,7 @@ def lr_find(
     avg = 0.0
     try:
         for i in range(steps):
-            lr = float(schedule(i))
+            lr = lr_at(i)
             state, m = train_step(state, parallel.shard_batch(next(data_iter), mesh), key)
             loss = float(m["loss_sum"]) / max(float(m["count"]), 1.0)
             if not math.isfinite(loss):
