@@ -141,6 +141,18 @@ def run_torch(args: argparse.Namespace, split: Path, mode: str, bf16: bool, work
     }
 
 
+def gpu_name() -> str | None:
+    """The NVIDIA GPU both sides will train on, if any (asked of nvidia-smi: importing jax or
+    torch here would take GPU memory away from the runs)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+    )
+    names = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    return names[0] if names else None
+
+
 def _timed_process(cmd: list[str], env: dict, log: Path) -> float:
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -178,6 +190,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, info: dict) -> str:
             f"| {steady(r['train_img_s']):.0f} | {r['val_accuracy']:.4f} | {ratio} |"
         )
     bf16 = "native" if info["cpu_bf16"] else "not native on this CPU (converted to float32)"
+    if info.get("gpu"):
+        bf16 = f"native on the {info['gpu']} (both sides train there)"
     note = (
         f"\n{args.model}, {args.epochs} epochs, batch {args.batch_size}, "
         f"{args.image_size}x{args.image_size}, {info['train']} training and {info['val']} "
@@ -225,7 +239,9 @@ def main() -> None:
     data = args.data.expanduser() if args.data else ensure_default_dataset()
     info = write_split(data, args.classes, args.seed, split)
     info["cpu_bf16"] = runtime.cpu_has_bf16()
-    args.kernels = built_kernels()
+    info["gpu"] = gpu_name()
+    # On a GPU both sides use XLA's/cuDNN's convolutions: no oneDNN kernel to build.
+    args.kernels = None if info["gpu"] else built_kernels()
     print(f"split: {info['train']} train / {info['val']} val images in {split}", flush=True)
 
     rows = []
@@ -236,6 +252,8 @@ def main() -> None:
         for mode in args.torch_modes:
             rows.append(run_torch(args, split, mode, precision == "bfloat16", work))
             print(_line(rows[-1]), flush=True)
+            if args.json:  # after every run: a later one that fails loses nothing
+                args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
     table = markdown(rows, args, info)
     print("\n" + table)
     if args.json:

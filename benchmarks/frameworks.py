@@ -876,6 +876,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             measure_peaks(procs, peaks, args)
             _add_ratios(results, peaks)
             say(markdown(results, peaks, args))
+            if args.json:  # after every config: a run cut short keeps what it measured
+                args.json.write_text(json.dumps(results, indent=1) + "\n")
     finally:
         for w in procs.values():
             w.close()

@@ -131,6 +131,25 @@ def test_training_order_is_deterministic_for_a_seed_and_any_worker_count(tiny_fo
     np.testing.assert_array_equal(np.bincount(first_epoch), np.bincount(labels))
 
 
+def test_training_stream_ends_with_the_trainers_last_step(tiny_folder):
+    # Batches run across epochs, so an unsliced stream holds more batches than the trainer
+    # takes; a worker still making them blocked in grain's pipe and the iterator's close
+    # waited 25 s. With ``steps`` the stream is the trainer's steps, unchanged.
+    npy, index = decode_index(scan_folder(tiny_folder), (24, 24))
+    labels = np.asarray(index.labels)
+    steps = 3 * (len(labels) // 10)
+    kwargs = dict(batch_size=10, epochs=3, seed=0, augment="light")
+    full = train_dataset(npy, labels, **kwargs)
+    cut = train_dataset(npy, labels, steps=steps, **kwargs)
+    assert len(labels) % 10 and len(full) > steps and len(cut) == steps
+    it = to_iterator(cut, workers=0)
+    expected = _batches(to_iterator(full, workers=0), steps)
+    for x, y in zip(expected, _batches(it, steps), strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+    with pytest.raises(StopIteration):
+        next(it)
+
+
 def test_closing_a_worker_iterator_early_leaks_no_shared_memory(tiny_folder, tmp_path):
     # Stopping with batches still in flight (end of training, Ctrl-C) once left grain's
     # shared-memory blocks behind: Python's resource tracker warned about them at exit.

@@ -114,6 +114,34 @@ def test_fast_conv_has_the_same_gradients_as_lax(monkeypatch):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5 * scale)
 
 
+def test_bfloat16_conv_rounds_its_operands_and_keeps_float32_results_and_gradients():
+    # --precision bfloat16 on GPUs/TPUs: the convolution (forward and both gradients)
+    # multiplies bfloat16 copies; its result, the weights and their gradients stay float32.
+    from springfield.models.layers import bfloat16_conv
+
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 8))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16)) / 8
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def loss(conv, x, w):
+        return jnp.sum(jnp.sin(conv(x, w, (1, 1), "SAME", dimension_numbers=dims)))
+
+    def rounded(x, w, *args, **kwargs):  # what the products see, computed in float32
+        r = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+        return jax.lax.conv_general_dilated(r(x), r(w), *args, **kwargs)
+
+    y = bfloat16_conv(x, w, (1, 1), "SAME", dimension_numbers=dims)
+    exact = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, rounded(x, w, (1, 1), "SAME", dimension_numbers=dims), atol=1e-5)
+    assert float(jnp.max(jnp.abs(y - exact))) > 1e-4  # the operands were rounded
+    g = jax.grad(loss, argnums=(1, 2))(bfloat16_conv, x, w)
+    g_exact = jax.grad(loss, argnums=(1, 2))(jax.lax.conv_general_dilated, x, w)
+    for a, b in zip(g, g_exact, strict=True):
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, atol=0.05 * float(jnp.max(jnp.abs(b))))
+
+
 def test_resnet_hires_adds_one_stride_2_conv_and_keeps_resnet_parameter_names():
     from flax import nnx
 

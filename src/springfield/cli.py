@@ -230,7 +230,7 @@ class CompareArgs(TrainConfig):
 _PRESETS_HELP = (
     " Presets: --preset seed is the original tutorial's recipe (seed CNN at 160x120, SGD "
     "momentum 0.9, lr 0.01, L2 5e-4, 50 epochs); --preset simpsons is the recommended recipe "
-    "for real frames (docs/results.md); --preset simpsons-quick is the same recipe in 36 "
+    "for real frames (docs/results.md); --preset simpsons-quick is the same recipe in 72 "
     "epochs, about 10 minutes on 2 cores for all six classes. Other flags still override a "
     "preset."
 )

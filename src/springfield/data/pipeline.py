@@ -154,6 +154,7 @@ def train_dataset(
     balanced: bool = False,
     shard_index: int = 0,
     shard_count: int = 1,
+    steps: int | None = None,
 ) -> grain.MapDataset:
     """Shuffled, augmented, batched training stream of ``epochs`` passes.
 
@@ -166,7 +167,8 @@ def train_dataset(
     progressive resizing).
     With ``shard_count > 1`` (multi-host) each process reads the disjoint slice
     ``shard_index::shard_count`` of the data (of the balanced stream, with ``balanced``)
-    and ``batch_size`` is its local batch.
+    and ``batch_size`` is its local batch. ``steps`` ends the stream after that many
+    batches: the ones the trainer will take.
     """
     source = ArraySource(npy, labels)
     if balanced:
@@ -187,7 +189,12 @@ def train_dataset(
         # one, and the draws for an image should not change with --early-size.
         aug_seed = int(np.random.SeedSequence([seed, _AUGMENT_STREAM]).generate_state(1)[0])
         ds = ds.random_map(aug, seed=aug_seed)
-    return ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    # Batches run across epoch boundaries, so the stream holds more batches than
+    # epochs * steps per epoch. A worker still making those when training ends blocks in
+    # grain's pipe, and closing the iterator waited grain's 25 s before killing it (the end
+    # of every long run); a stream that ends with the last step leaves it idle.
+    return ds if steps is None else ds[:steps]
 
 
 def eval_dataset(

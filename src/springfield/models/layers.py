@@ -166,8 +166,24 @@ def conv_impl(materialise: bool = True) -> Any:
     :func:`xla_convolutions`."""
     if os.environ.get("SPRINGFIELD_CONV", "") == "lax" or _XLA_ONLY.get():
         return lax.conv_general_dilated
+    if _PRECISION.get() == "bfloat16" and jax.default_backend() != "cpu":
+        return bfloat16_conv
     fallback = conv_general_dilated if materialise else lax.conv_general_dilated
     return onednn.make_conv(fallback, bfloat16=_PRECISION.get() == "bfloat16")
+
+
+def bfloat16_conv(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    """:func:`jax.lax.conv_general_dilated` on bfloat16 copies of float32 operands with a
+    float32 result: ``--precision bfloat16`` on GPUs and TPUs, whose convolution units take
+    bfloat16 natively (on a CPU, oneDNN does it; XLA:CPU would convert around every product).
+    Weights, activations and the optimizer stay float32; the gradients' convolutions take
+    bfloat16 operands too."""
+    if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+        return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+    kwargs["preferred_element_type"] = jnp.float32
+    return lax.conv_general_dilated(
+        lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), *args, **kwargs
+    )
 
 
 def conv_act_pool(conv: nnx.Conv, act: Any, x: jax.Array, input_grad: bool = True) -> jax.Array:

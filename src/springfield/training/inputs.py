@@ -77,10 +77,15 @@ def data_fingerprint(*splits: Split) -> str:
 
 
 def train_iterator(
-    cfg: TrainConfig, split: Split, local_batch: int, steps_per_epoch: int
+    cfg: TrainConfig,
+    split: Split,
+    local_batch: int,
+    steps_per_epoch: int,
+    steps: int | None = None,
 ) -> grain.DatasetIterator:
-    """The run's training batches for all ``--epochs``: this process's shard, augmented in
-    ``--workers`` processes. Its state goes into every checkpoint."""
+    """The run's training batches for all ``--epochs`` (or the first ``steps``): this
+    process's shard, augmented in ``--workers`` processes. Its state goes into every
+    checkpoint."""
     return to_iterator(
         train_dataset(
             split.npy,
@@ -97,6 +102,7 @@ def train_iterator(
             early_size=cfg.early_size,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
+            steps=cfg.epochs * steps_per_epoch if steps is None else steps,
         ),
         workers=cfg.workers,
     )

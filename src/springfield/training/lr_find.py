@@ -148,6 +148,7 @@ def lr_find(
         data.train,
         parallel.local_batch_size(cfg.batch_size, mesh),
         steps_per_epoch,
+        steps,
     )
     lrs: list[float] = []
     losses: list[float] = []
