@@ -244,20 +244,21 @@ def main() -> None:
     args.kernels = None if info["gpu"] else built_kernels()
     print(f"split: {info['train']} train / {info['val']} val images in {split}", flush=True)
 
-    rows = []
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(_line(row), flush=True)
+        if args.json:  # after every run: a later one that fails loses nothing
+            args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
+
     for precision in args.precisions:
         # One after another, never together: each process has the machine to itself.
-        rows.append(run_springfield(args, split, precision, work))
-        print(_line(rows[-1]), flush=True)
+        record(run_springfield(args, split, precision, work))
         for mode in args.torch_modes:
-            rows.append(run_torch(args, split, mode, precision == "bfloat16", work))
-            print(_line(rows[-1]), flush=True)
-            if args.json:  # after every run: a later one that fails loses nothing
-                args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
+            record(run_torch(args, split, mode, precision == "bfloat16", work))
     table = markdown(rows, args, info)
     print("\n" + table)
-    if args.json:
-        args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
     if args.markdown:
         args.markdown.write_text(table)
 

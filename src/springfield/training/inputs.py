@@ -81,11 +81,10 @@ def train_iterator(
     split: Split,
     local_batch: int,
     steps_per_epoch: int,
-    steps: int | None = None,
+    steps: int,
 ) -> grain.DatasetIterator:
-    """The run's training batches for all ``--epochs`` (or the first ``steps``): this
-    process's shard, augmented in ``--workers`` processes. Its state goes into every
-    checkpoint."""
+    """The run's first ``steps`` training batches (of ``--epochs`` passes): this process's
+    shard, augmented in ``--workers`` processes. Its state goes into every checkpoint."""
     return to_iterator(
         train_dataset(
             split.npy,
@@ -102,7 +101,7 @@ def train_iterator(
             early_size=cfg.early_size,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
-            steps=cfg.epochs * steps_per_epoch if steps is None else steps,
+            steps=steps,
         ),
         workers=cfg.workers,
     )

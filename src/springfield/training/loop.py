@@ -134,7 +134,11 @@ def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Pa
     eval_step = make_eval_step(graphdef, tta=cfg.tta)
     key = jax.random.key(cfg.seed)
     data_iter = train_iterator(
-        cfg, data.train, parallel.local_batch_size(cfg.batch_size, mesh), steps_per_epoch
+        cfg,
+        data.train,
+        parallel.local_batch_size(cfg.batch_size, mesh),
+        steps_per_epoch,
+        total_steps,
     )
 
     # Run folder: new, or resume from its latest complete checkpoint.
