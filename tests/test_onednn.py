@@ -62,6 +62,27 @@ def test_forward_and_both_gradients_match_xla(x_shape, w_shape, strides, padding
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
+def test_independent_convolutions_in_one_step_match_each_alone():
+    # XLA may start independent oneDNN calls side by side from two threads; the kernels take
+    # turns and reuse a per-thread scratchpad, which must not leak between calls.
+    keys = jax.random.split(jax.random.key(5), 4)
+    shapes = [((8, 20, 20, 16), (3, 3, 16, 32)), ((8, 10, 10, 32), (1, 1, 32, 64))]
+    xs = [jax.random.normal(k, s[0]) for k, s in zip(keys[:2], shapes, strict=True)]
+    ws = [jax.random.normal(k, s[1]) * 0.2 for k, s in zip(keys[2:], shapes, strict=True)]
+    ours = onednn.make_conv(fallback=None)  # type: ignore[arg-type] - must not fall back
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(ours(x, w, (1, 1), "SAME", dimension_numbers=NHWC)))
+
+    both = jax.jit(jax.grad(lambda a, b: loss(*a) + loss(*b), argnums=(0, 1)))
+    alone = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    want = [alone(x, w) for x, w in zip(xs, ws, strict=True)]
+    for _ in range(5):
+        got = both((xs[0], ws[0]), (xs[1], ws[1]))
+        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
 def test_what_onednn_cannot_run_goes_to_the_fallback():
     calls = []
 
@@ -168,7 +189,11 @@ def test_bfloat16_products_are_close_to_float32_and_really_bfloat16():
         assert err > 0 or not onednn.bf16_supported()
     if onednn.bf16_supported():
         names = onednn.implementation((4, 12, 12, 16), (3, 3, 16, 8), (2, 2), bfloat16=True)
-        assert all("bf16" in name for name in names.split(" / ")), names
+        # oneDNN names its bfloat16 kernels *_bf16 (AVX512_BF16) or *_amx (AMX tiles, which
+        # multiply bfloat16 or int8 only); float32 ones are neither.
+        assert all("bf16" in n or "amx" in n for n in names.split(" / ")), names
+        f32 = onednn.implementation((4, 12, 12, 16), (3, 3, 16, 8), (2, 2), bfloat16=False)
+        assert not any("bf16" in n or "amx" in n for n in f32.split(" / ")), f32
 
 
 def test_bfloat16_leaves_convolutions_of_few_input_channels_in_float32():
