@@ -53,7 +53,6 @@ _TARGETS = {
     "block_infer": "SpringfieldConvBlockInfer",
     "block_backward": "SpringfieldConvBlockBackward",
     "block_weight_grad": "SpringfieldConvBlockBackwardWeights",
-    "matmul": "SpringfieldMatmul",
 }
 _NAME = "springfield_onednn_conv_"
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -139,7 +138,6 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         capsule = jax.ffi.pycapsule(getattr(lib, symbol))
         jax.ffi.register_ffi_target(_NAME + target, capsule, platform="cpu")
     lib.springfield_conv_impl.restype = ctypes.c_char_p
-    lib.springfield_matmul_impl.restype = ctypes.c_char_p
     return lib, f"oneDNN ({path.name})"
 
 
@@ -297,72 +295,6 @@ def conv_relu_pool(
     if oh < 2 or ow < 2:
         return None
     return _block(x, w, b, geom)
-
-
-def _product(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False):
-    """``a @ b`` in float32, with ``a.T`` for ``a`` if ``trans_a`` (``b`` likewise)."""
-    out = _f32((a.shape[1] if trans_a else a.shape[0], b.shape[0] if trans_b else b.shape[1]))
-    # vmap (ensembles) loops over the mapped axis, as for the convolutions.
-    call = jax.ffi.ffi_call(_NAME + "matmul", out, vmap_method="sequential")
-    return call(a, b, trans_a=trans_a, trans_b=trans_b)
-
-
-@jax.custom_vjp
-def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    return _matmul_fwd(a, b)[0]
-
-
-def _matmul_fwd(a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple]:
-    # bfloat16 copies (XLA fuses the casts into their producers), float32 product.
-    a_in, b_in = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-    return _product(a_in, b_in), (a_in, b_in)
-
-
-def _matmul_bwd(res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-    a_in, b_in = res
-    dy_in = dy.astype(jnp.bfloat16)
-    # The kernel reads the transposed operands in place: no transposed copies.
-    return _product(dy_in, b_in, trans_b=True), _product(a_in, dy_in, trans_a=True)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def make_dot_general(fallback: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """A :func:`jax.lax.dot_general` drop-in (the call ``nnx.Linear`` makes) that multiplies
-    a float32 ``(batch, in) x (in, out)`` product in bfloat16 on oneDNN (float32 result and
-    sums; gradients the same way), and calls ``fallback`` for anything else. Only where
-    oneDNN is :func:`available` and the CPU :func:`bf16_supported`: XLA:CPU's own bfloat16
-    dot uses neither AMX nor AVX512_BF16, so ``--precision bfloat16`` sends dense layers here.
-    """
-    if not (available() and bf16_supported()):
-        return fallback
-
-    def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, **kwargs: Any):
-        plain = (
-            lhs.ndim == rhs.ndim == 2
-            and lhs.dtype == rhs.dtype == np.float32
-            and tuple(map(tuple, dimension_numbers[0])) == ((1,), (0,))
-            and not any(dimension_numbers[1])
-            and all(v is None for k, v in kwargs.items() if k != "precision")
-        )
-        if not plain:
-            return fallback(lhs, rhs, dimension_numbers, **kwargs)
-        return _matmul(lhs, rhs)
-
-    return dot_general
-
-
-def matmul_implementation(
-    m: int, k: int, n: int, trans_a: bool = False, trans_b: bool = False, bfloat16: bool = True
-) -> str:
-    """oneDNN's implementation name for an ``(m, k) x (k, n)`` product (operands stored
-    transposed where ``trans_a``/``trans_b``)."""
-    lib, why = _load()
-    if lib is None:
-        return f"XLA ({why})"
-    args = (m, k, n, int(trans_a), int(trans_b), int(bfloat16))
-    return lib.springfield_matmul_impl(*(ctypes.c_int64(a) for a in args)).decode()
 
 
 def _dims_are_nhwc(dimension_numbers: Any, ndim: int) -> bool:
