@@ -210,60 +210,6 @@ def test_bfloat16_leaves_convolutions_of_few_input_channels_in_float32():
     np.testing.assert_array_equal(ys[0], ys[1])
 
 
-def test_dense_products_in_bfloat16_are_close_to_float32_and_really_bfloat16():
-    dot = onednn.make_dot_general(lax.dot_general)
-    if not onednn.bf16_supported():
-        assert dot is lax.dot_general
-        return
-    k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
-    x = jax.random.normal(k1, (6, 40))
-    w = jax.random.normal(k2, (40, 10)) * 0.2
-    probe = jax.random.normal(k3, (6, 10))
-    dims = (((1,), (0,)), ((), ()))
-
-    def loss(dot, x, w):
-        y = dot(x, w, dims, precision=None, out_sharding=None)
-        return jnp.sum(y * probe), y
-
-    grad = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)
-    (_, y), grads = jax.jit(partial(grad, dot))(x, w)
-    (_, y_ref), grads_ref = grad(lax.dot_general, x, w)
-    for a, b in zip((y_ref, *grads_ref), (y, *grads), strict=True):
-        assert b.dtype == jnp.float32 and b.shape == a.shape
-        err = float(jnp.max(jnp.abs(a - b)))
-        assert 0 < err < 0.02 * float(jnp.max(jnp.abs(a)))
-    name = onednn.matmul_implementation(6, 40, 10)
-    assert "bf16" in name or "amx" in name, name
-    # Anything but a plain float32 matrix product goes to the fallback unchanged.
-    x3 = jnp.ones((2, 3, 40))
-    np.testing.assert_array_equal(
-        dot(x3, w, (((2,), (0,)), ((), ()))), lax.dot_general(x3, w, (((2,), (0,)), ((), ())))
-    )
-
-
-def test_bfloat16_refcnn_uses_onednn_for_its_dense_layers_and_trains_like_float32():
-    x = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
-    losses = {}
-    for precision in ("float32", "bfloat16"):
-        model = build_model("refcnn", 3, image_size=(16, 16), precision=precision)
-        opt = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
-
-        def loss_fn(m):
-            return jnp.mean(jax.nn.log_softmax(m(x, train=True))[:, 0] * -1)
-
-        for _ in range(3):
-            loss, grads = nnx.value_and_grad(loss_fn)(model)
-            opt.update(model, grads)
-        losses[precision] = float(loss)
-        graphdef, state = nnx.split(model)
-        hlo = jax.jit(lambda s, g=graphdef: nnx.merge(g, s)(x)).lower(state).as_text()
-        if precision == "bfloat16" and onednn.bf16_supported():
-            assert "springfield_onednn_conv_matmul" in hlo
-        else:
-            assert "springfield_onednn_conv_matmul" not in hlo
-    assert abs(losses["float32"] - losses["bfloat16"]) < 0.03 * abs(losses["float32"])
-
-
 def test_bfloat16_model_trains_like_float32():
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
     losses = {}

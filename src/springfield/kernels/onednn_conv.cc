@@ -84,10 +84,10 @@ std::shared_ptr<Plan> MakePlan(const Key& k) {
 }
 
 // The plan `make` builds for `k`, built once per process (one cache per plan type).
-template <typename K, typename P>
-std::shared_ptr<P> Cached(const K& k, std::shared_ptr<P> (*make)(const K&)) {
+template <typename P>
+std::shared_ptr<P> Cached(const Key& k, std::shared_ptr<P> (*make)(const Key&)) {
   static std::mutex mu;
-  static std::map<K, std::shared_ptr<P>> plans;
+  static std::map<Key, std::shared_ptr<P>> plans;
   std::lock_guard<std::mutex> lock(mu);
   auto it = plans.find(k);
   if (it != plans.end()) return it->second;
@@ -511,73 +511,7 @@ ffi::Error BlockBackwardWeights(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy,
   });
 }
 
-
-// ---- dense layers: a matrix product ------------------------------------------------------
-//
-// y[m, n] = sum_k A[m, k] B[k, n], float32 result, where A is `a` or, with `trans_a`, the
-// transpose of a row-major (k, m) `a` (B likewise): the gradients' products read the
-// forward pass's operands in place instead of transposed copies. XLA:CPU's own bfloat16
-// dot uses neither AMX nor AVX512_BF16 (229 GFLOP/s where oneDNN's ran at 1,900 here), so
-// under --precision bfloat16 the dense layers come here too.
-
-struct MatmulPlan {
-  memory::desc a, b, y;
-  dnnl::matmul::primitive_desc pd;
-  dnnl::primitive prim;
-};
-
-using MatmulKey = std::array<int64_t, 6>;  // m, k, n, trans_a, trans_b, inputs are bfloat16
-
-std::shared_ptr<MatmulPlan> MakeMatmulPlan(const MatmulKey& k) {
-  auto [m, kk, n, ta, tb, bf16] = k;
-  const dt in = bf16 ? dt::bf16 : dt::f32;
-  auto plan = std::make_shared<MatmulPlan>();
-  plan->a = memory::desc({m, kk}, in, ta ? tag::ba : tag::ab);
-  plan->b = memory::desc({kk, n}, in, tb ? tag::ba : tag::ab);
-  plan->y = memory::desc({m, n}, dt::f32, tag::ab);
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  plan->pd = dnnl::matmul::primitive_desc(Engine(), plan->a, plan->b, plan->y, attr);
-  plan->prim = dnnl::matmul(plan->pd);
-  return plan;
-}
-
-std::shared_ptr<MatmulPlan> GetMatmulPlan(const MatmulKey& k) {
-  return Cached(k, MakeMatmulPlan);
-}
-
-ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::ResultBuffer<ffi::F32> y,
-                  bool trans_a, bool trans_b) {
-  if (!Supported(a.element_type(), b.element_type())) return Unsupported();
-  return Guard([&] {
-    const auto yd = y->dimensions();
-    const int64_t kk = trans_a ? a.dimensions()[0] : a.dimensions()[1];
-    auto p = GetMatmulPlan({yd[0], kk, yd[1], trans_a, trans_b,
-                            a.element_type() == ffi::DataType::BF16});
-    memory am(p->a, Engine(), a.untyped_data());
-    memory bm(p->b, Engine(), b.untyped_data());
-    memory ym(p->y, Engine(), y->untyped_data());
-    Run(p->prim, p->pd.scratchpad_desc(),
-        {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, ym}});
-  });
-}
-
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldMatmul, Matmul,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("trans_a")
-                                  .Attr<bool>("trans_b"));
-
-extern "C" const char* springfield_matmul_impl(int64_t m, int64_t k, int64_t n, int64_t ta,
-                                               int64_t tb, int64_t bf16) {
-  static thread_local std::string out;
-  out = GetMatmulPlan({m, k, n, ta, tb, bf16})->pd.impl_info_str();
-  return out.c_str();
-}
 
 #define SPRINGFIELD_CONV_ATTRS                                              \
   .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top") \

@@ -223,22 +223,6 @@ def _trivial(v: Any) -> bool:
     return v is None or all(d == 1 for d in ((v,) if isinstance(v, int) else v))
 
 
-def Linear(in_features: int, out_features: int, **kwargs: Any) -> nnx.Linear:  # noqa: N802
-    """``nnx.Linear`` (same parameters and maths) whose product, under
-    ``conv_precision("bfloat16")`` on a CPU with bfloat16 instructions, multiplies bfloat16
-    copies on oneDNN with float32 sums (:func:`springfield.kernels.onednn.make_dot_general`),
-    as the convolutions do; XLA's ``dot_general`` everywhere else."""
-    cpu_bf16 = (
-        _PRECISION.get() == "bfloat16"
-        and jax.default_backend() == "cpu"
-        and not _XLA_ONLY.get()
-        and os.environ.get("SPRINGFIELD_CONV", "") != "lax"
-    )
-    if cpu_bf16:
-        kwargs["dot_general"] = onednn.make_dot_general(lax.dot_general)
-    return nnx.Linear(in_features, out_features, **kwargs)
-
-
 def Conv(  # noqa: N802 - a module constructor
     in_features: int,
     out_features: int,

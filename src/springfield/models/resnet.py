@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from springfield.models.activations import Activation
-from springfield.models.layers import Conv, Linear
+from springfield.models.layers import Conv
 
 # Convolutions are springfield.models.layers.Conv: nnx.Conv with a weight gradient that does
 # not recompute BatchNorm/ReLU inside XLA's transpose (same maths, ~15% faster on CPU).
@@ -103,7 +103,7 @@ class ResNet(nnx.Module):
                 cin = cout
         self.blocks = nnx.List(blocks)
         self.dropout = nnx.Dropout(dropout)
-        self.head = Linear(cin, num_classes, rngs=rngs)
+        self.head = nnx.Linear(cin, num_classes, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
