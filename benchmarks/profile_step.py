@@ -21,6 +21,7 @@ springfield's layer (``SPRINGFIELD_ONEDNN=0``), oneDNN, and oneDNN with bfloat16
 
     python benchmarks/profile_step.py --model resnet --batch 64 --top 15
     python benchmarks/profile_step.py --model resnet --batch 64 --compare-conv
+    python benchmarks/profile_step.py --model resnet --batch 64 --top 0 --step-times 40
 """
 
 from __future__ import annotations
@@ -84,6 +85,21 @@ def time_step(run, args, groups: int = 5, per_group: int = 5) -> tuple[float, li
         jax.block_until_ready(out)
         best = min(best, (time.perf_counter() - t0) / per_group)
     return best, args
+
+
+def step_times(run, args, steps: int) -> tuple[np.ndarray, float, list]:
+    """Milliseconds of each of ``steps`` steps (each waited for), the img/s of the whole
+    stretch, and the advanced arguments: the tail (slow steps) that a best-of time hides."""
+    import jax
+
+    times = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        args, out = run(args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    return np.array(times) * 1e3, time.perf_counter() - start, args
 
 
 def top_thunks(run, args, steps: int = 3, top: int = 15) -> list[tuple[str, float]]:
@@ -203,6 +219,13 @@ def main() -> None:
     p.add_argument("--compare-conv", action="store_true", help="time each convolution path")
     p.add_argument("--conv-layers", action="store_true", help="time each convolution alone")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare-conv")
+    p.add_argument(
+        "--step-times",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N single steps: median, 90th percentile and slowest step",
+    )
     args = p.parse_args()
     if args.top:
         # Trace events per XLA thunk; must be set before JAX starts.
@@ -253,6 +276,13 @@ def main() -> None:
         f"analysis {flops / 1e9:.2f} GFLOP, {nbytes / 1e6:.0f} MB accessed per step -> "
         f"{flops / seconds / 1e9:.0f} GFLOP/s"
     )
+    if args.step_times:
+        ms, total, step_args = step_times(run, step_args, args.step_times)
+        print(
+            f"{args.step_times} single steps: median {np.median(ms):.1f} ms, 90th percentile "
+            f"{np.percentile(ms, 90):.1f} ms, slowest {ms.max():.1f} ms; "
+            f"{args.batch * args.step_times / total:.0f} img/s over all of them"
+        )
     if args.top:
         print("\n| thunk | ms/step |\n|---|---:|")
         names = custom_call_names(compiled.as_text()) if compiled is not None else {}
