@@ -115,8 +115,8 @@ ffi::Error Unsupported() {
 }
 
 // A buffer of at least `bytes`, 64-byte aligned, kept per thread and reused: a fresh
-// scratchpad each call maps fresh pages, and the page faults cost more than some of the
-// convolutions (AMX kernels stage whole tiles there).
+// scratchpad each call would map (and page-fault) fresh memory on every call. (What that
+// saves was within the run-to-run spread where it was measured; docs/performance.md.)
 void* ScratchBytes(size_t bytes) {
   struct Free {
     void operator()(void* p) const { std::free(p); }
