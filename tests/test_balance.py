@@ -11,7 +11,7 @@ from flax import nnx
 
 from springfield.data.cache import decode_index
 from springfield.data.index import scan_folder
-from springfield.data.pipeline import class_weights, to_iterator, train_dataset
+from springfield.data.pipeline import class_weights, loss_weights, to_iterator, train_dataset
 from springfield.training.steps import init_state, make_train_step
 
 SMALL = 4  # images in the small class; the others keep tiny_folder's 14
@@ -119,3 +119,14 @@ def test_class_weights_enter_the_loss():
     np.testing.assert_allclose(weights, [100 / 180, 100 / 20], rtol=1e-6)
     np.testing.assert_allclose(_learned_prior(labels, None), [0.9, 0.1], atol=1e-3)
     np.testing.assert_allclose(_learned_prior(labels, weights), [0.5, 0.5], atol=1e-3)
+
+
+def test_balance_loss_leaves_classes_of_equal_size_on_the_plain_loss():
+    # The presets ask for --balance loss; a folder whose classes are the same size (the
+    # four-class Simpsons split: 360 each) must train exactly as it did without it.
+    equal = np.repeat(np.arange(4), 360)
+    np.testing.assert_array_equal(class_weights(equal, 4), np.ones(4, np.float32))
+    assert loss_weights(equal, 4) is None
+    unequal = np.concatenate([equal, np.full(104, 4)])
+    np.testing.assert_array_equal(loss_weights(unequal, 5), class_weights(unequal, 5))
+    assert loss_weights(unequal, 5)[4] > 3 * loss_weights(unequal, 5)[0]

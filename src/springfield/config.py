@@ -167,7 +167,9 @@ PRESETS: dict[str, dict] = {
     # BatchNorm statistics): lower validation loss on every seed and much better drawings
     # for ~1 more minute. Finishing at 112 px instead of 96 gave nothing for 45 s more.
     # Flip TTA and the weight average cost seconds, not minutes. bfloat16 convolutions:
-    # 1.45x less wall time at the same accuracy over 3 seeds.
+    # 1.45x less wall time at the same accuracy over 3 seeds. Class-weighted loss: on the six
+    # classes (Maggie has 130 images, the others 450) the same accuracy and Maggie's recall
+    # 93.6% against 87.3% over seeds 0-2; with classes of equal size it changes nothing.
     "simpsons": dict(
         model="resnet4",
         image_size=(96, 96),
@@ -183,6 +185,7 @@ PRESETS: dict[str, dict] = {
         ema=0.995,
         tta=True,
         precision="bfloat16",
+        balance="loss",
     ),
     # The tutorial's recipe: its network at 160x120, SGD with momentum 0.9, lr 0.01, weight
     # decay 5e-4 as L2 on all parameters, 50 epochs, no augmentation, no schedule.

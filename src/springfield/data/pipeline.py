@@ -138,6 +138,14 @@ def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+def loss_weights(labels: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """:func:`class_weights` for ``--balance loss``, or ``None`` when every class has as many
+    images: the weights would all be exactly 1 and the weighted mean the plain one, so a
+    balanced folder trains with the unweighted loss, bit for bit as without the option."""
+    weights = class_weights(labels, num_classes)
+    return None if np.all(weights == weights[0]) else weights
+
+
 def train_dataset(
     npy: Path,
     labels: np.ndarray,

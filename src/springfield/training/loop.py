@@ -30,7 +30,7 @@ from rich.console import Console
 
 from springfield import parallel
 from springfield.config import TrainConfig, to_json
-from springfield.data.pipeline import class_weights
+from springfield.data.pipeline import loss_weights
 from springfield.errors import Interrupted
 from springfield.models import count_params, model_of_config, model_spec
 from springfield.training import checkpoint, progress, resume, run_folder
@@ -128,7 +128,7 @@ def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Pa
         mixup_alpha=cfg.mixup,
         cutmix_alpha=cfg.cutmix,
         class_weights=(
-            class_weights(data.train.labels, len(data.classes)) if cfg.balance == "loss" else None
+            loss_weights(data.train.labels, len(data.classes)) if cfg.balance == "loss" else None
         ),
     )
     eval_step = make_eval_step(graphdef, tta=cfg.tta)
