@@ -92,7 +92,7 @@ class TrainConfig:
     """Drawing-style changes: the chance (0-1) that a training image gets one of posterise, edge-preserving smoothing, dark outlines, a small hue turn (at most 20 degrees) or JPEG re-compression, in the input workers. For recognising drawings, fan art and web pictures as well as frames."""
 
     balance: Literal["none", "sampler", "loss"] = "none"
-    """Classes of different sizes: none; sampler (each epoch draws every class equally often, small classes repeating their images); loss (class-weighted cross-entropy, weight n / (classes x n_class) per class)."""
+    """Classes of different sizes: none; sampler (each epoch draws every class equally often, small classes repeating their images); loss (class-weighted cross-entropy, weight n / (classes x n_class) per class; the simpsons presets' choice, and no change when the classes are the same size)."""
 
     ema: float = 0.0
     """Evaluate and save an exponential moving average of the weights with this decay (0 = off; 0.99-0.999 is common)."""
