@@ -366,3 +366,50 @@ def test_first_block_without_input_gradient_in_chunks_of_one_image():
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(db, db_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", [None, jax.nn.relu, jax.nn.gelu])
+def test_batch_norm_matches_flax_in_training(act):
+    # oneDNN's training BatchNorm (+ ReLU): the output, the gradients of the input, scale and
+    # bias, and the running averages equal nnx.BatchNorm's (then the activation).
+    from springfield.models import layers
+
+    k1, k2 = jax.random.split(jax.random.key(8))
+    x = 1.0 + 2.0 * jax.random.normal(k1, (6, 5, 7, 16))
+    probe = jax.random.normal(k2, x.shape)
+    out = {}
+    for name, norm in (("xla", layers.xla_norm), ("onednn", layers.onednn_norm)):
+        bn = nnx.BatchNorm(16, momentum=0.9, rngs=nnx.Rngs(0))
+        bn.scale[...] = jnp.linspace(0.5, 1.5, 16)
+        bn.bias[...] = jnp.linspace(-0.3, 0.3, 16)
+
+        def loss(bn, x, norm=norm):
+            return jnp.sum(norm(bn, x, train=True, act=act) * probe)
+
+        value, (g_bn, g_x) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(bn, x)
+        hlo = nnx.jit(nnx.grad(loss)).lower(bn, x).as_text()
+        assert ("bn_forward" in hlo) == (name == "onednn" and onednn.available())
+        out[name] = (value, g_x, g_bn.scale[...], g_bn.bias[...], bn.mean[...], bn.var[...])
+    for a, b in zip(out["xla"], out["onednn"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(a))))
+    # The running averages moved from their initial zeros and ones.
+    assert float(jnp.max(jnp.abs(out["onednn"][4]))) > 0.05
+
+
+def test_resnet_uses_onednn_batch_norm_only_in_training_and_trains_the_same(monkeypatch):
+    x = jax.random.normal(jax.random.key(9), (4, 16, 16, 3))
+    grads, stats = {}, {}
+    for fuse in ("1", "0"):
+        monkeypatch.setenv("SPRINGFIELD_FUSE_BN", fuse)
+        model = build_model("resnet", 3, image_size=(16, 16))
+        loss = lambda m: jnp.sum(m(x, train=True) ** 2)  # noqa: E731
+        assert ("bn_forward" in nnx.jit(nnx.grad(loss)).lower(model).as_text()) == (
+            fuse == "1" and onednn.available()
+        )
+        assert "bn_forward" not in nnx.jit(lambda m, x: m(x)).lower(model, x).as_text()
+        grads[fuse] = nnx.grad(loss)(model)
+        stats[fuse] = nnx.state(model, nnx.BatchStat)
+    for a, b in zip(jax.tree.leaves(grads["1"]), jax.tree.leaves(grads["0"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(stats["1"]), jax.tree.leaves(stats["0"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -219,6 +219,49 @@ def conv_act_pool(conv: nnx.Conv, act: Any, x: jax.Array, input_grad: bool = Tru
     return nnx.avg_pool(act(conv(x)), (2, 2), strides=(2, 2))
 
 
+def norm_impl() -> Any:
+    """The BatchNorm (+ activation) function models built now use: :func:`onednn_norm`
+    where oneDNN runs their convolutions (and ``SPRINGFIELD_FUSE_BN`` is not ``0``), else
+    :func:`xla_norm`. Both take ``(bn, x, *, train, act=None)`` and compute
+    ``act(bn(x))``."""
+    fused = getattr(conv_impl(), "onednn_bfloat16", None) is not None
+    return onednn_norm if fused and os.environ.get("SPRINGFIELD_FUSE_BN", "1") != "0" else xla_norm
+
+
+def xla_norm(bn: nnx.BatchNorm, x: jax.Array, *, train: bool, act: Any = None) -> jax.Array:
+    """``act(bn(x))``: batch statistics when ``train`` (and the running averages updated),
+    the running averages otherwise."""
+    y = bn(x, use_running_average=not train)
+    return y if act is None else act(y)
+
+
+def onednn_norm(bn: nnx.BatchNorm, x: jax.Array, *, train: bool, act: Any = None) -> jax.Array:
+    """:func:`xla_norm` with training-mode BatchNorm (and ReLU, when ``act`` is ReLU) in
+    one oneDNN call each way (:func:`springfield.kernels.onednn.batch_norm`): XLA makes five
+    to seven passes over the activations for them. The running averages are updated as
+    ``nnx.BatchNorm`` does. Evaluation, and whatever oneDNN cannot run, stays
+    :func:`xla_norm`."""
+    plain = (
+        train
+        and bn.axis in (-1, x.ndim - 1)
+        and bn.use_scale
+        and bn.use_bias
+        and bn.axis_name is None
+        and bn.dtype in (None, jnp.float32)
+    )
+    relu = act is jax.nn.relu
+    out = None
+    if plain:
+        out = onednn.batch_norm(x, bn.scale[...], bn.bias[...], bn.epsilon, relu=relu)
+    if out is None:
+        return xla_norm(bn, x, train=train, act=act)
+    y, mean, var = out
+    m = bn.momentum
+    bn.mean[...] = m * bn.mean[...] + (1 - m) * mean
+    bn.var[...] = m * bn.var[...] + (1 - m) * var
+    return y if relu or act is None else act(y)
+
+
 def _trivial(v: Any) -> bool:
     return v is None or all(d == 1 for d in ((v,) if isinstance(v, int) else v))
 
