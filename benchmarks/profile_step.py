@@ -17,10 +17,13 @@ weight gradient) at the shapes the step uses, with the convolution the model use
 
 ``--compare-conv`` instead times the step in one process, interleaved, with each
 convolution path: plain ``lax.conv_general_dilated`` (``SPRINGFIELD_CONV=lax``), XLA with
-springfield's layer (``SPRINGFIELD_ONEDNN=0``), oneDNN, and oneDNN with bfloat16 products.
+springfield's layer (``SPRINGFIELD_ONEDNN=0``), oneDNN, and oneDNN with bfloat16 products;
+``--compare-norm`` the same with training BatchNorm in XLA (``SPRINGFIELD_FUSE_BN=0``) and
+in oneDNN, in float32 and bfloat16.
 
     python benchmarks/profile_step.py --model resnet --batch 64 --top 15
     python benchmarks/profile_step.py --model resnet --batch 64 --compare-conv
+    python benchmarks/profile_step.py --model resnet4 --image-size 96 96 --compare-norm
     python benchmarks/profile_step.py --model resnet --batch 64 --top 0 --step-times 40
 """
 
@@ -208,6 +211,31 @@ def time_conv_layers(
     print(f"| all | | | {total_s * 1e3:.1f} | {total_flops / total_s / 1e9:.0f} |")
 
 
+# Read when a model is built: each compared path builds its own.
+PATH_VARS = ("SPRINGFIELD_CONV", "SPRINGFIELD_ONEDNN", "SPRINGFIELD_FUSE_BN")
+
+
+def compare(args, size: tuple[int, int], label: str, what: str, paths: dict) -> None:
+    """Build one step per path (environment, precision) in this process and time them in
+    interleaved rounds: a ratio between paths then shares the machine's state."""
+    runs = {}
+    for name, (env, precision) in paths.items():
+        for var in PATH_VARS:
+            os.environ.pop(var, None)
+        os.environ.update(env)
+        _, step_args, run = build(args.model, size, args.batch, args.mode, precision)
+        runs[name] = [run, step_args, []]
+    for var in PATH_VARS:
+        os.environ.pop(var, None)
+    for _ in range(args.rounds):
+        for r in runs.values():
+            seconds, r[1] = time_step(r[0], r[1], groups=1)
+            r[2].append(args.batch / seconds)
+    print(f"| {what} ({label}) | img/s median | best |\n|---|---:|---:|")
+    for name, (_, _, rates) in runs.items():
+        print(f"| {name} | {np.median(rates):.0f} | {max(rates):.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="refcnn")
@@ -217,8 +245,13 @@ def main() -> None:
     p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--top", type=int, default=15, help="how many thunks to list")
     p.add_argument("--compare-conv", action="store_true", help="time each convolution path")
+    p.add_argument(
+        "--compare-norm",
+        action="store_true",
+        help="time training BatchNorm in XLA vs oneDNN, float32 and bfloat16",
+    )
     p.add_argument("--conv-layers", action="store_true", help="time each convolution alone")
-    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare-conv")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare-*")
     p.add_argument(
         "--step-times",
         type=int,
@@ -243,26 +276,20 @@ def main() -> None:
         time_conv_layers(args.model, size, args.batch, args.precision)
         return
     if args.compare_conv:
-        runs = {}
-        paths = {
+        compare(args, size, label, "conv", {
             "lax": ({"SPRINGFIELD_CONV": "lax"}, "float32"),
             "xla (springfield layer)": ({"SPRINGFIELD_ONEDNN": "0"}, "float32"),
             "onednn": ({}, "float32"),
             "onednn bfloat16": ({}, "bfloat16"),
-        }
-        for impl, (env, precision) in paths.items():
-            for var in ("SPRINGFIELD_CONV", "SPRINGFIELD_ONEDNN"):  # read when a model is built
-                os.environ.pop(var, None)
-            os.environ.update(env)
-            _, step_args, run = build(args.model, size, args.batch, args.mode, precision)
-            runs[impl] = [run, step_args, []]
-        for _ in range(args.rounds):
-            for r in runs.values():
-                seconds, r[1] = time_step(r[0], r[1], groups=1)
-                r[2].append(args.batch / seconds)
-        print(f"| conv ({label}) | img/s median | best |\n|---|---:|---:|")
-        for impl, (_, _, rates) in runs.items():
-            print(f"| {impl} | {np.median(rates):.0f} | {max(rates):.0f} |")
+        })  # fmt: skip
+        return
+    if args.compare_norm:
+        compare(args, size, label, "BatchNorm", {
+            "xla, float32": ({"SPRINGFIELD_FUSE_BN": "0"}, "float32"),
+            "onednn, float32": ({}, "float32"),
+            "xla, bfloat16": ({"SPRINGFIELD_FUSE_BN": "0"}, "bfloat16"),
+            "onednn, bfloat16": ({}, "bfloat16"),
+        })  # fmt: skip
         return
     step, step_args, run = build(args.model, size, args.batch, args.mode, args.precision)
     # The eval step picks its compiler options by batch size, so it has no single .lower().
