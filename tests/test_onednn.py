@@ -181,10 +181,13 @@ def test_bfloat16_products_are_close_to_float32_and_really_bfloat16():
 
         (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
         out[bf16] = (y, *grads)
-        assert all(a.dtype == jnp.float32 for a in out[bf16])
+        # bfloat16 activations: the output is bfloat16, the gradients have their primal's
+        # float32 type.
+        want = jnp.bfloat16 if bf16 and onednn.bf16_supported() else jnp.float32
+        assert [a.dtype for a in out[bf16]] == [want, jnp.float32, jnp.float32]
     for a, b in zip(out[False], out[True], strict=True):
         scale = float(jnp.max(jnp.abs(a)))
-        err = float(jnp.max(jnp.abs(a - b)))
+        err = float(jnp.max(jnp.abs(a - b.astype(jnp.float32))))
         assert err < 0.02 * scale
         assert err > 0 or not onednn.bf16_supported()
     if onednn.bf16_supported():
@@ -197,6 +200,7 @@ def test_bfloat16_products_are_close_to_float32_and_really_bfloat16():
 
 
 def test_bfloat16_leaves_convolutions_of_few_input_channels_in_float32():
+    # Float32 products; only the output is rounded to bfloat16, the activations' type.
     x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
     w = jax.random.normal(jax.random.key(3), (3, 3, 3, 8))
     ys = []
@@ -207,7 +211,36 @@ def test_bfloat16_leaves_convolutions_of_few_input_channels_in_float32():
                 x, w
             )
         )
-    np.testing.assert_array_equal(ys[0], ys[1])
+    np.testing.assert_array_equal(ys[0].astype(ys[1].dtype), ys[1])
+    assert ys[1].dtype == (jnp.bfloat16 if onednn.bf16_supported() else jnp.float32)
+
+
+def test_bfloat16_activations_flow_between_layers_and_gradients_keep_their_types():
+    # A bfloat16 input goes in as it is and its gradient comes back bfloat16; the weights'
+    # gradient is float32 and close to the float32 path's.
+    k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(k1, (3, 10, 10, 16))
+    w = jax.random.normal(k2, (3, 3, 16, 16)) * 0.2
+    probe = jax.random.normal(k3, (3, 10, 10, 16))
+    conv = onednn.make_conv(None, bfloat16=True)  # type: ignore[arg-type]
+    if not onednn.bf16_supported():
+        pytest.skip("this CPU has no bfloat16 instructions: --precision bfloat16 is float32")
+
+    def loss(x, w):
+        y = conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+        return jnp.sum(y.astype(jnp.float32) * probe)
+
+    gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x.astype(jnp.bfloat16), w)
+    assert (gx.dtype, gw.dtype) == (jnp.bfloat16, jnp.float32)
+    ref = jax.grad(
+        lambda x, w: jnp.sum(
+            lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC) * probe
+        ),
+        argnums=(0, 1),
+    )(x.astype(jnp.bfloat16).astype(jnp.float32), w)
+    for a, b in zip((gx, gw), ref, strict=True):
+        err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
+        assert err < 0.02 * float(jnp.max(jnp.abs(b)))
 
 
 def test_bfloat16_model_trains_like_float32():
@@ -259,10 +292,12 @@ def test_fused_conv_relu_pool_matches_the_separate_layers(x_shape, out_channels)
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_block_in_bfloat16_matches_the_separate_bfloat16_layers():
+def test_fused_block_in_bfloat16_matches_the_separate_bfloat16_layers(monkeypatch):
     # Against float32, ReLU's mask flips wherever bfloat16 moves a sum across zero, so the
-    # fair reference is the unfused bfloat16 path (the same products); and the result must
-    # differ from float32's (else the bfloat16 path silently ran float32).
+    # fair reference is the unfused bfloat16 path (the same products, and float32
+    # activations, which the block keeps inside); and the result must differ from float32's
+    # (else the bfloat16 path silently ran float32).
+    monkeypatch.setenv("SPRINGFIELD_BF16_ACTIVATIONS", "0")
     k1, k2, k3, k4 = jax.random.split(jax.random.key(5), 4)
     x = jax.random.normal(k1, (4, 12, 12, 16))
     w = jax.random.normal(k2, (3, 3, 16, 32)) * 0.2
@@ -413,3 +448,19 @@ def test_resnet_uses_onednn_batch_norm_only_in_training_and_trains_the_same(monk
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     for a, b in zip(jax.tree.leaves(stats["1"]), jax.tree.leaves(stats["0"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_resnet_hands_bfloat16_activations_to_batch_norm():
+    # With --precision bfloat16, the convolutions write bfloat16 and BatchNorm (+ ReLU) reads
+    # and writes bfloat16 in oneDNN; the loss stays within 2% of float32's (above).
+    if not (onednn.available() and onednn.bf16_supported()):
+        pytest.skip("bfloat16 activations need oneDNN on a CPU with bfloat16 instructions")
+    x = jax.random.normal(jax.random.key(10), (4, 16, 16, 3))
+    model = build_model("resnet", 3, image_size=(16, 16), precision="bfloat16")
+    loss = lambda m: jnp.sum(m(x, train=True) ** 2)  # noqa: E731
+    hlo = nnx.jit(nnx.grad(loss)).lower(model).as_text()
+    norms = [line for line in hlo.splitlines() if "bn_forward" in line and "custom_call" in line]
+    # (StableHLO: "... -> (tensor<4x8x8x32xbf16>, ...": the normalised activations.)
+    outputs = [line.split("->")[-1].split(",")[0] for line in norms]
+    assert outputs and all(o.endswith("xbf16>") for o in outputs), outputs
+    assert model(x, train=True).dtype == jnp.float32  # the head's logits

@@ -209,7 +209,14 @@ def _inputs(geom: tuple, *arrays: jax.Array) -> list[jax.Array]:
 
 def _conv_fwd(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
     x_in, w_in = _inputs(geom, x, w)
-    return _call("forward", _f32(_out_shape(x, w, geom)), x_in, w_in, geom=geom), (x_in, w_in)
+    out = jax.ShapeDtypeStruct(_out_shape(x, w, geom), _activation_type(geom))
+    # The empty array carries the primal input's type to the backward pass.
+    return _call("forward", out, x_in, w_in, geom=geom), (x_in, w_in, jnp.zeros(0, x.dtype))
+
+
+def _activation_type(geom: tuple) -> Any:
+    # geom[3]: the output and the input's gradient in bfloat16 (bfloat16 activations).
+    return jnp.bfloat16 if geom[3] else np.float32
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -218,9 +225,10 @@ def _conv(x: jax.Array, w: jax.Array, geom: tuple) -> jax.Array:
 
 
 def _conv_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x_in, w_in = res
-    (dy_in,) = _inputs(geom, dy)
-    dx = _call("input_grad", _f32(x_in.shape), dy_in, w_in, geom=geom)
+    x_in, w_in, x_type = res
+    dy_in = dy.astype(x_in.dtype)  # the type the products are in
+    out = jax.ShapeDtypeStruct(x_in.shape, _activation_type(geom))
+    dx = _call("input_grad", out, dy_in, w_in, geom=geom).astype(x_type.dtype)
     dw = _call("weight_grad", _f32(w_in.shape), x_in, dy_in, geom=geom)
     return dx, dw
 
@@ -311,7 +319,8 @@ def _bn_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, cfg: tuple) -> tupl
     eps, relu = cfg
     lib, _ = _load()
     n, h, w, c = x.shape
-    ws = lib.springfield_bn_workspace_bytes(n, h, w, c, 0, int(relu), eps) if relu else 0
+    bf16 = int(x.dtype == jnp.bfloat16)
+    ws = lib.springfield_bn_workspace_bytes(n, h, w, c, bf16, int(relu), eps) if relu else 0
     channels = _f32((c,))
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels,
            jax.ShapeDtypeStruct((ws,), np.uint8))  # fmt: skip
@@ -342,10 +351,11 @@ def batch_norm(
     """Training-mode BatchNorm over all axes but the last, then ReLU if ``relu``, as one
     oneDNN call each way: ``(y, batch mean, batch variance)``, the variance biased (divided
     by the count, as flax's), the statistics without gradients. ``None`` where that cannot
-    run here: oneDNN not :func:`available`, or not a float32 NHWC array with float32
-    per-channel ``scale`` and ``bias``. Same maths as ``nnx.BatchNorm`` (+ ReLU) up to
-    summation order, 4-5x faster than XLA's passes on 2 cores (docs/performance.md)."""
-    if not available() or x.ndim != 4 or x.dtype != np.float32:
+    run here: oneDNN not :func:`available`, or not a float32 or bfloat16 NHWC array (``y``
+    has its type; the statistics, ``scale`` and ``bias`` are float32). Same maths as
+    ``nnx.BatchNorm`` (+ ReLU) up to summation order (and, for bfloat16, the rounding of
+    ``y``), in fewer passes than XLA makes (docs/performance.md)."""
+    if not available() or x.ndim != 4 or x.dtype not in (np.float32, jnp.bfloat16):
         return None
     c = x.shape[-1]
     if scale.shape != (c,) or bias.shape != (c,):
@@ -354,6 +364,10 @@ def batch_norm(
         return None
     y, mean, var = _bn(x, scale, bias, (float(epsilon), bool(relu)))
     return y, lax.stop_gradient(mean), lax.stop_gradient(var)
+
+
+def _pads(padding: Any) -> tuple:
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 def _dims_are_nhwc(dimension_numbers: Any, ndim: int) -> bool:
@@ -381,15 +395,19 @@ def make_conv(
     """A :func:`jax.lax.conv_general_dilated` drop-in (the signature ``nnx.Conv`` calls) that
     runs on oneDNN when it can and calls ``fallback`` with the same arguments otherwise.
 
-    ``bfloat16``: oneDNN multiplies bfloat16 copies of the float32 inputs (and of the
-    output gradient) and accumulates in float32, as JAX's default precision does on TPUs;
-    ignored where the CPU lacks bfloat16 instructions and for convolutions of fewer than
-    ``MIN_BF16_CHANNELS`` input channels. Whether oneDNN can run here
-    (:func:`available`) is decided now, when the model is built; what it can run (float32,
-    NHWC/HWIO, 2-D, no dilation or groups) when it is called."""
+    ``bfloat16``: oneDNN multiplies bfloat16 copies of the inputs (and of the output
+    gradient) and accumulates in float32, and writes the output and the input's gradient in
+    bfloat16 (bfloat16 activations between layers, as PyTorch's autocast and Keras'
+    ``mixed_bfloat16`` do; weight gradients stay float32); ignored where the CPU lacks
+    bfloat16 instructions and for convolutions of fewer than ``MIN_BF16_CHANNELS`` input
+    channels, which stay float32. The input may then be bfloat16 or float32 (its gradient
+    comes back in its own type); the weights are float32. Whether oneDNN can run here
+    (:func:`available`) is decided now, when the model is built; what it can run (NHWC/HWIO,
+    2-D, no dilation or groups) when it is called."""
     if not available():
         return fallback
     bfloat16 = bfloat16 and bf16_supported()
+    activations = bfloat16 and os.environ.get("SPRINGFIELD_BF16_ACTIVATIONS", "1") != "0"
 
     def conv_general_dilated(*args: Any, **kwargs: Any) -> jax.Array:
         call = _LAX_CONV.bind(*args, **kwargs)
@@ -398,7 +416,8 @@ def make_conv(
         lhs, rhs, padding = arg["lhs"], arg["rhs"], arg["padding"]
         ours = (
             _dims_are_nhwc(arg["dimension_numbers"], lhs.ndim)
-            and lhs.dtype == rhs.dtype == np.float32
+            and rhs.dtype == np.float32
+            and (lhs.dtype == np.float32 or (lhs.dtype == jnp.bfloat16 and activations))
             and arg["feature_group_count"] == arg["batch_group_count"] == 1
             and _trivial(arg["lhs_dilation"])
             and _trivial(arg["rhs_dilation"])
@@ -412,11 +431,16 @@ def make_conv(
         # A convolution of few input channels (an image's 3) stays float32: its products are
         # too short for bfloat16 pairs, and it measured 1.4-2.4x slower in bfloat16.
         bf16 = bfloat16 and rhs.shape[2] >= MIN_BF16_CHANNELS
-        geom = (strides, tuple((int(lo), int(hi)) for lo, hi in padding), bf16)
-        return _conv(lhs, rhs, geom)
+        if not bf16:
+            # Float32 products: oneDNN writes them in float32 only (the image's convolution).
+            y = _conv(lhs.astype(np.float32), rhs, (strides, _pads(padding), False, False))
+            return y.astype(jnp.bfloat16) if activations else y
+        return _conv(lhs, rhs, (strides, _pads(padding), True, activations))
 
-    # Read by layers.conv_act_pool: this convolution runs on oneDNN, in bfloat16 or not.
+    # Read by layers: this convolution runs on oneDNN, in bfloat16 or not, and hands
+    # bfloat16 activations on.
     conv_general_dilated.onednn_bfloat16 = bfloat16  # type: ignore[attr-defined]
+    conv_general_dilated.bfloat16_activations = activations  # type: ignore[attr-defined]
     return conv_general_dilated
 
 

@@ -2,7 +2,9 @@
 // FFI handlers. XLA:CPU's own convolution kernels reach about 60% of GEMM speed on the
 // machines springfield is measured on; oneDNN's JIT kernels reach ~100%, and twice that with
 // bfloat16 inputs on CPUs with AVX512_BF16. Inputs are float32 or bfloat16 (all of one
-// call's alike); results and accumulation are always float32.
+// call's alike); accumulation and weight gradients are always float32, and the activations
+// a single convolution writes (its output, its input's gradient) are float32 or, from
+// bfloat16 inputs, bfloat16 where the caller asks for them so.
 //
 // Besides single convolutions, whole conv -> bias -> ReLU -> 2x2 average-pool blocks (the
 // reference CNN's and `seed`'s) run as one call each way: see "conv + bias + ReLU" below.
@@ -40,12 +42,16 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, inputs are bfloat16
+// n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, types: 0 float32 throughout,
+// 1 bfloat16 inputs with float32 outputs, 2 bfloat16 inputs and activation outputs (a
+// single convolution's output and its input's gradient; weight gradients stay float32).
 using Key = std::array<int64_t, 16>;
+constexpr int64_t kF32 = 0, kBf16In = 1, kBf16InOut = 2;
 
 struct Plan {
-  // Inputs (src, wei_user, dst as diff_dst) in the input type; outputs in float32.
-  memory::desc src, wei_user, dst, src_f32, wei_f32, dst_f32;
+  // Inputs (src, wei_user, dst as diff_dst) in the input type; the output and the input's
+  // gradient (dst_out, src_out) in the output type; weight gradients in float32.
+  memory::desc src, wei_user, dst, src_out, wei_f32, dst_out;
   dnnl::primitive_attr attr;
   dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
@@ -54,15 +60,16 @@ struct Plan {
 };
 
 std::shared_ptr<Plan> MakePlan(const Key& k) {
-  auto [n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, bf16] = k;
-  const dt in = bf16 ? dt::bf16 : dt::f32;
+  auto [n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, types] = k;
+  const dt in = types != kF32 ? dt::bf16 : dt::f32;
+  const dt out = types == kBf16InOut ? dt::bf16 : dt::f32;
   auto plan = std::make_shared<Plan>();
   auto& eng = Engine();
   plan->src = memory::desc({n, c, h, w}, in, tag::nhwc);
   plan->dst = memory::desc({n, o, oh, ow}, in, tag::nhwc);
   plan->wei_user = memory::desc({o, c, kh, kw}, in, tag::hwio);
-  plan->src_f32 = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
-  plan->dst_f32 = memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc);
+  plan->src_out = memory::desc({n, c, h, w}, out, tag::nhwc);
+  plan->dst_out = memory::desc({n, o, oh, ow}, out, tag::nhwc);
   plan->wei_f32 = memory::desc({o, c, kh, kw}, dt::f32, tag::hwio);
   memory::desc wei_any({o, c, kh, kw}, in, tag::any);
   memory::desc diff_wei_any({o, c, kh, kw}, dt::f32, tag::any);
@@ -70,9 +77,9 @@ std::shared_ptr<Plan> MakePlan(const Key& k) {
   plan->attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   plan->fwd_pd = dnnl::convolution_forward::primitive_desc(
       eng, prop_kind::forward_training, algorithm::convolution_direct, plan->src,
-      wei_any, plan->dst_f32, strides, pad_l, pad_r, plan->attr);
+      wei_any, plan->dst_out, strides, pad_l, pad_r, plan->attr);
   plan->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
-      eng, algorithm::convolution_direct, plan->src_f32, wei_any, plan->dst, strides,
+      eng, algorithm::convolution_direct, plan->src_out, wei_any, plan->dst, strides,
       pad_l, pad_r, plan->fwd_pd, plan->attr);
   plan->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
       eng, algorithm::convolution_direct, plan->src, diff_wei_any, plan->dst, strides,
@@ -100,18 +107,28 @@ std::shared_ptr<Plan> GetPlan(const Key& k) { return Cached(k, MakePlan); }
 
 Key MakeKey(ffi::Span<const int64_t> x, ffi::Span<const int64_t> wt,
             ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
-            int64_t pb, int64_t pl, int64_t pr, ffi::DataType in) {
+            int64_t pb, int64_t pl, int64_t pr, int64_t types) {
   return Key{x[0], x[1], x[2], x[3], wt[0], wt[1], wt[3], y[1],
-             y[2], sh,   sw,   pt,   pb,    pl,    pr,    in == ffi::DataType::BF16};
+             y[2], sh,   sw,   pt,   pb,    pl,    pr,    types};
 }
 
 bool Supported(ffi::DataType a, ffi::DataType b) {
   return a == b && (a == ffi::DataType::F32 || a == ffi::DataType::BF16);
 }
 
+// The Key's types for inputs of type `in` and an activation output of type `out`; -1 where
+// oneDNN has no such convolution (a bfloat16 output needs bfloat16 inputs).
+int64_t Types(ffi::DataType in, ffi::DataType out) {
+  if (in == ffi::DataType::F32) return out == ffi::DataType::F32 ? kF32 : -1;
+  if (in != ffi::DataType::BF16) return -1;
+  if (out == ffi::DataType::F32) return kBf16In;
+  return out == ffi::DataType::BF16 ? kBf16InOut : -1;
+}
+
 ffi::Error Unsupported() {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                    "springfield oneDNN convolution: inputs must both be float32 or bfloat16");
+                    "springfield oneDNN convolution: inputs must both be float32 or bfloat16, "
+                    "and a bfloat16 result needs bfloat16 inputs");
 }
 
 // A buffer of at least `bytes`, 64-byte aligned, kept per thread and reused: a fresh
@@ -188,15 +205,16 @@ ffi::Error Guard(const std::function<void()>& body) {
   return ffi::Error::Success();
 }
 
-ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y,
+ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                        int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
                        int64_t pr) {
-  if (!Supported(x.element_type(), w.element_type())) return Unsupported();
+  const int64_t types = Types(x.element_type(), y->element_type());
+  if (!Supported(x.element_type(), w.element_type()) || types < 0) return Unsupported();
   return Guard([&] {
     auto p = GetPlan(MakeKey(x.dimensions(), w.dimensions(), y->dimensions(), sh,
-                             sw, pt, pb, pl, pr, x.element_type()));
+                             sw, pt, pb, pl, pr, types));
     memory src(p->src, Engine(), x.untyped_data());
-    memory dst(p->dst_f32, Engine(), y->untyped_data());
+    memory dst(p->dst_out, Engine(), y->untyped_data());
     memory wei = WeightsIn(p->wei_user, p->fwd_pd.weights_desc(), w.untyped_data());
     Run(p->fwd, p->fwd_pd.scratchpad_desc(),
         {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
@@ -204,14 +222,15 @@ ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi
 }
 
 ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w,
-                            ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw,
+                            ffi::Result<ffi::AnyBuffer> dx, int64_t sh, int64_t sw,
                             int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  if (!Supported(dy.element_type(), w.element_type())) return Unsupported();
+  const int64_t types = Types(dy.element_type(), dx->element_type());
+  if (!Supported(dy.element_type(), w.element_type()) || types < 0) return Unsupported();
   return Guard([&] {
     auto p = GetPlan(MakeKey(dx->dimensions(), w.dimensions(), dy.dimensions(), sh,
-                             sw, pt, pb, pl, pr, dy.element_type()));
+                             sw, pt, pb, pl, pr, types));
     memory diff_dst(p->dst, Engine(), dy.untyped_data());
-    memory diff_src(p->src_f32, Engine(), dx->untyped_data());
+    memory diff_src(p->src_out, Engine(), dx->untyped_data());
     memory wei = WeightsIn(p->wei_user, p->bwd_data_pd.weights_desc(), w.untyped_data());
     Run(p->bwd_data, p->bwd_data_pd.scratchpad_desc(),
         {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei},
@@ -225,7 +244,7 @@ ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
   if (!Supported(x.element_type(), dy.element_type())) return Unsupported();
   return Guard([&] {
     auto p = GetPlan(MakeKey(x.dimensions(), dw->dimensions(), dy.dimensions(), sh,
-                             sw, pt, pb, pl, pr, x.element_type()));
+                             sw, pt, pb, pl, pr, Types(x.element_type(), ffi::DataType::F32)));
     memory src(p->src, Engine(), x.untyped_data());
     memory diff_dst(p->dst, Engine(), dy.untyped_data());
     RunWeightGrad(p->bwd_weights, p->bwd_weights_pd, p->wei_f32, dw->untyped_data(),
@@ -628,13 +647,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvForward, ConvForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() SPRINGFIELD_CONV_ATTRS);
+                                  .Ret<ffi::AnyBuffer>() SPRINGFIELD_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBackwardData, ConvBackwardData,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() SPRINGFIELD_CONV_ATTRS);
+                                  .Ret<ffi::AnyBuffer>() SPRINGFIELD_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBackwardWeights, ConvBackwardWeights,
                               ffi::Ffi::Bind()

@@ -247,7 +247,7 @@ def onednn_norm(bn: nnx.BatchNorm, x: jax.Array, *, train: bool, act: Any = None
         and bn.use_scale
         and bn.use_bias
         and bn.axis_name is None
-        and bn.dtype in (None, jnp.float32)
+        and bn.dtype in (None, x.dtype)
     )
     relu = act is jax.nn.relu
     out = None
@@ -273,6 +273,24 @@ def Conv(  # noqa: N802 - a module constructor
     materialise: bool = True,
     **kwargs: Any,
 ) -> nnx.Conv:
-    """``nnx.Conv`` with :func:`conv_impl` as its convolution (same parameters and maths)."""
+    """``nnx.Conv`` with :func:`conv_impl` as its convolution (same parameters and maths).
+    Where that convolution takes bfloat16 activations (:func:`activation_dtype`), a
+    bfloat16 input reaches it as it is, not promoted to the weights' float32."""
     impl = conv_impl(materialise)
+    if getattr(impl, "bfloat16_activations", False):
+        kwargs.setdefault("promote_dtype", _keep_input_type)
     return nnx.Conv(in_features, out_features, kernel_size, conv_general_dilated=impl, **kwargs)
+
+
+def _keep_input_type(args: tuple, dtype: Any = None, **kwargs: Any) -> tuple:
+    # The convolution casts what it multiplies; the bias (if any) promotes the output.
+    return args
+
+
+def activation_dtype() -> Any:
+    """The type the layers of a model built now should hand on between them: ``bfloat16``
+    where its convolutions run on oneDNN with ``--precision bfloat16`` (they read and write
+    bfloat16 activations; BatchNorm normalises in float32 from float32 statistics and writes
+    bfloat16, as under PyTorch's autocast), else ``None`` (the layers' own float32)."""
+    impl = conv_impl()
+    return jnp.bfloat16 if getattr(impl, "bfloat16_activations", False) else None

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from springfield.models.activations import Activation
-from springfield.models.layers import Conv, norm_impl
+from springfield.models.layers import Conv, activation_dtype, norm_impl
 
 # Convolutions are springfield.models.layers.Conv: nnx.Conv with a weight gradient that does
 # not recompute BatchNorm/ReLU inside XLA's transpose (same maths, ~15% faster on CPU), or
@@ -26,7 +26,8 @@ BN_MOMENTUM = 0.9
 
 
 def _bn(n: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(n, momentum=BN_MOMENTUM, rngs=rngs)
+    # With bfloat16 activations it writes bfloat16 (statistics and parameters stay float32).
+    return nnx.BatchNorm(n, momentum=BN_MOMENTUM, dtype=activation_dtype(), rngs=rngs)
 
 
 class BasicBlock(nnx.Module):

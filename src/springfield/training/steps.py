@@ -179,6 +179,12 @@ def make_train_step(
         grads, (rest, logits, losses) = jax.grad(loss_fn, has_aux=True)(
             state.params, state.rest, batch, key
         )
+        if skip_nonfinite:
+            # Finite gradients can come with overflowed batch statistics (the variance of
+            # huge activations is inf, the normalised output then 0): such a step counts,
+            # and is skipped, as a non-finite one.
+            stats_ok = _all_finite(rest)
+            grads = jax.tree.map(lambda g: jnp.where(stats_ok, g, jnp.nan), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if skip_nonfinite:
@@ -227,6 +233,10 @@ def make_eval_step(graphdef: Any, *, tta: bool = False):
 @partial(jax.jit, compiler_options=QUICK_COMPILE)
 def all_finite(tree: Any) -> jax.Array:
     """Whether every floating-point number in ``tree`` is finite (one device reduction)."""
+    return _all_finite(tree)
+
+
+def _all_finite(tree: Any) -> jax.Array:
     checks = [
         jnp.all(jnp.isfinite(x))
         for x in jax.tree.leaves(tree)
