@@ -7,7 +7,8 @@ in float32 and in bfloat16 (the ``-bf16`` rows; the "multiplies in" column), by
 * ``springfield``: springfield's own jitted steps (``make_train_step``/``make_eval_step`` on
   ``springfield.models``), fed uint8 batches through ``parallel.shard_batch`` like the
   training loop, float32 throughout; ``springfield-bf16``: the same with ``--precision
-  bfloat16`` (bfloat16 products in the convolutions, float32 sums); plus, to show what
+  bfloat16`` (bfloat16 products in the convolutions, float32 sums, and since 2026-12-06
+  bfloat16 activations between the layers of the ResNets, as autocast has); plus, to show what
   springfield's oneDNN kernels, its XLA flags and its convolution layer each buy,
   ``springfield-xla-conv`` (``SPRINGFIELD_ONEDNN=0``: XLA's convolutions),
   ``springfield-xla-default`` (that and ``SPRINGFIELD_XLA_FLAGS=0``: plain JAX) and

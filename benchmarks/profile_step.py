@@ -18,8 +18,9 @@ weight gradient) at the shapes the step uses, with the convolution the model use
 ``--compare-conv`` instead times the step in one process, interleaved, with each
 convolution path: plain ``lax.conv_general_dilated`` (``SPRINGFIELD_CONV=lax``), XLA with
 springfield's layer (``SPRINGFIELD_ONEDNN=0``), oneDNN, and oneDNN with bfloat16 products;
-``--compare-norm`` the same with training BatchNorm in XLA (``SPRINGFIELD_FUSE_BN=0``) and
-in oneDNN, in float32 and bfloat16.
+``--compare-norm`` the same with BatchNorm in XLA (``SPRINGFIELD_FUSE_BN=0``) and in
+oneDNN, in float32 and with bfloat16 products, with float32 activations between the layers
+(``SPRINGFIELD_BF16_ACTIVATIONS=0``, the bfloat16 path before 2026-12-06) and bfloat16 ones.
 
     python benchmarks/profile_step.py --model resnet --batch 64 --top 15
     python benchmarks/profile_step.py --model resnet --batch 64 --compare-conv
@@ -212,7 +213,9 @@ def time_conv_layers(
 
 
 # Read when a model is built: each compared path builds its own.
-PATH_VARS = ("SPRINGFIELD_CONV", "SPRINGFIELD_ONEDNN", "SPRINGFIELD_FUSE_BN")
+PATH_VARS = (
+    "SPRINGFIELD_CONV", "SPRINGFIELD_ONEDNN", "SPRINGFIELD_FUSE_BN", "SPRINGFIELD_BF16_ACTIVATIONS",
+)  # fmt: skip
 
 
 def compare(args, size: tuple[int, int], label: str, what: str, paths: dict) -> None:
@@ -248,7 +251,7 @@ def main() -> None:
     p.add_argument(
         "--compare-norm",
         action="store_true",
-        help="time training BatchNorm in XLA vs oneDNN, float32 and bfloat16",
+        help="time BatchNorm in XLA vs oneDNN, float32 and bfloat16 (products, activations)",
     )
     p.add_argument("--conv-layers", action="store_true", help="time each convolution alone")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare-*")
@@ -284,11 +287,14 @@ def main() -> None:
         })  # fmt: skip
         return
     if args.compare_norm:
+        f32_acts = {"SPRINGFIELD_BF16_ACTIVATIONS": "0"}
         compare(args, size, label, "BatchNorm", {
-            "xla, float32": ({"SPRINGFIELD_FUSE_BN": "0"}, "float32"),
-            "onednn, float32": ({}, "float32"),
-            "xla, bfloat16": ({"SPRINGFIELD_FUSE_BN": "0"}, "bfloat16"),
-            "onednn, bfloat16": ({}, "bfloat16"),
+            "XLA BatchNorm, float32": ({"SPRINGFIELD_FUSE_BN": "0"}, "float32"),
+            "oneDNN BatchNorm, float32": ({}, "float32"),
+            "XLA BatchNorm, bf16 products, f32 activations": (
+                {"SPRINGFIELD_FUSE_BN": "0", **f32_acts}, "bfloat16"),
+            "oneDNN BatchNorm, bf16 products, f32 activations": (f32_acts, "bfloat16"),
+            "oneDNN BatchNorm, bf16 products and activations": ({}, "bfloat16"),
         })  # fmt: skip
         return
     step, step_args, run = build(args.model, size, args.batch, args.mode, args.precision)

@@ -464,3 +464,16 @@ def test_bfloat16_resnet_hands_bfloat16_activations_to_batch_norm():
     outputs = [line.split("->")[-1].split(",")[0] for line in norms]
     assert outputs and all(o.endswith("xbf16>") for o in outputs), outputs
     assert model(x, train=True).dtype == jnp.float32  # the head's logits
+    # Evaluation normalises bfloat16 from the running statistics in oneDNN too, with the
+    # result XLA's BatchNorm gives (within bfloat16's rounding).
+    eval_hlo = nnx.jit(lambda m, x: m(x)).lower(model, x).as_text()
+    assert "bn_infer" in eval_hlo and "bn_forward" not in eval_hlo
+    from springfield.models import layers
+
+    bn = model.stem_bn
+    bn.mean[...] = jnp.linspace(-0.5, 0.5, bn.mean.shape[0])
+    bn.var[...] = jnp.linspace(0.5, 2.0, bn.var.shape[0])
+    h = jax.random.normal(jax.random.key(11), (4, 8, 8, bn.mean.shape[0])).astype(jnp.bfloat16)
+    a = layers.xla_norm(bn, h, train=False, act=jax.nn.relu).astype(jnp.float32)
+    b = layers.onednn_norm(bn, h, train=False, act=jax.nn.relu).astype(jnp.float32)
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)

@@ -55,6 +55,7 @@ _TARGETS = {
     "block_weight_grad": "SpringfieldConvBlockBackwardWeights",
     "bn_forward": "SpringfieldBnForward",
     "bn_backward": "SpringfieldBnBackward",
+    "bn_infer": "SpringfieldBnInfer",
 }
 _NAME = "springfield_onednn_conv_"
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -364,6 +365,28 @@ def batch_norm(
         return None
     y, mean, var = _bn(x, scale, bias, (float(epsilon), bool(relu)))
     return y, lax.stop_gradient(mean), lax.stop_gradient(var)
+
+
+def batch_norm_infer(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    epsilon: float,
+    relu: bool = False,
+) -> jax.Array | None:
+    """Inference-mode BatchNorm from the running ``mean`` and ``var`` (then ReLU if
+    ``relu``) in one oneDNN call, for bfloat16 ``x`` (the result is bfloat16); ``None``
+    where that cannot run here or ``x`` is not bfloat16 NHWC. Not differentiable."""
+    if not available() or x.ndim != 4 or x.dtype != jnp.bfloat16 or 0 in x.shape:
+        return None
+    c = x.shape[-1]
+    if any(a.shape != (c,) or a.dtype != np.float32 for a in (scale, bias, mean, var)):
+        return None
+    out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    cfg = (float(epsilon), bool(relu))
+    return _bn_call("bn_infer", out, x, scale, bias, mean, var, cfg=cfg)
 
 
 def _pads(padding: Any) -> tuple:

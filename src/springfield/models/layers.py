@@ -239,11 +239,11 @@ def onednn_norm(bn: nnx.BatchNorm, x: jax.Array, *, train: bool, act: Any = None
     """:func:`xla_norm` with training-mode BatchNorm (and ReLU, when ``act`` is ReLU) in
     one oneDNN call each way (:func:`springfield.kernels.onednn.batch_norm`): XLA makes five
     to seven passes over the activations for them. The running averages are updated as
-    ``nnx.BatchNorm`` does. Evaluation, and whatever oneDNN cannot run, stays
+    ``nnx.BatchNorm`` does. Evaluation runs in oneDNN for bfloat16 activations (XLA:CPU's
+    bfloat16 passes are slow); float32 evaluation, and whatever oneDNN cannot run, stays
     :func:`xla_norm`."""
     plain = (
-        train
-        and bn.axis in (-1, x.ndim - 1)
+        bn.axis in (-1, x.ndim - 1)
         and bn.use_scale
         and bn.use_bias
         and bn.axis_name is None
@@ -251,7 +251,13 @@ def onednn_norm(bn: nnx.BatchNorm, x: jax.Array, *, train: bool, act: Any = None
     )
     relu = act is jax.nn.relu
     out = None
-    if plain:
+    if plain and not train:
+        y = onednn.batch_norm_infer(
+            x, bn.scale[...], bn.bias[...], bn.mean[...], bn.var[...], bn.epsilon, relu=relu
+        )
+        if y is not None:
+            return y if relu or act is None else act(y)
+    elif plain:
         out = onednn.batch_norm(x, bn.scale[...], bn.bias[...], bn.epsilon, relu=relu)
     if out is None:
         return xla_norm(bn, x, train=train, act=act)
