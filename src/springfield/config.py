@@ -38,7 +38,7 @@ class TrainConfig:
     """Train this many copies of the model side by side (own initial weights, same batches, each on its own loss) and predict with their average. Each copy costs a whole model's time: to keep the time, divide --epochs by it."""
 
     precision: Literal["float32", "bfloat16"] = "float32"
-    """Arithmetic: float32, or bfloat16: bfloat16 products in the convolutions (summed in float32) and, where oneDNN runs them (one CPU device with AVX512_BF16 or AMX), bfloat16 activations between layers, as PyTorch's autocast and Keras' mixed_bfloat16 have; weights, BatchNorm statistics, weight gradients, loss and optimizer stay float32. About 1.5-2x faster training than float32 on such CPUs (docs/performance.md). A GPU or TPU gets the bfloat16 products only; a CPU without bfloat16 instructions, float32."""
+    """Arithmetic: float32, or bfloat16: bfloat16 products in the convolutions (summed in float32) and, where oneDNN runs them (one CPU device with AVX512_BF16 or AMX), bfloat16 activations between layers, as PyTorch's autocast and Keras' mixed_bfloat16 have; weights, BatchNorm statistics, weight gradients, loss and optimizer stay float32. About 2x faster training than float32 on such CPUs (1.9-2.3x for the ResNets' step on an AMX Xeon, docs/performance.md). A GPU or TPU gets the bfloat16 products only; a CPU without bfloat16 instructions, float32."""
 
     activation: str = "relu"
     """Activation: relu, gelu, silu, mish, elu, leaky_relu, ... or module:function for your own."""
