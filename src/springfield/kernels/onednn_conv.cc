@@ -535,8 +535,9 @@ ffi::Error BlockBackwardWeights(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy,
 //
 // XLA:CPU runs a training BatchNorm + ReLU and its gradient as five to seven passes over the
 // activations (statistics, normalisation, ReLU, and backwards two reductions and the input
-// gradient), 4-5x the time oneDNN's JIT kernel takes for the same shapes (2 cores,
-// docs/performance.md). oneDNN computes the batch mean and biased variance, normalises,
+// gradient), 4-5x the time oneDNN's JIT kernel takes for the same shapes when the data are
+// in cache (2 cores, docs/performance.md); with bfloat16 activations it also spares XLA's
+// conversion of each BatchNorm's input to float32. oneDNN computes the batch mean and biased variance, normalises,
 // scales and shifts, and with `relu` applies ReLU as it writes, keeping the ReLU's mask in
 // a workspace for the backward pass. Inference (running statistics) is one pass either way;
 // it runs here for bfloat16 activations, which XLA:CPU handles at half its float32 speed.

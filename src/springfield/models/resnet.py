@@ -17,8 +17,9 @@ from springfield.models.layers import Conv, activation_dtype, norm_impl
 
 # Convolutions are springfield.models.layers.Conv: nnx.Conv with a weight gradient that does
 # not recompute BatchNorm/ReLU inside XLA's transpose (same maths, ~15% faster on CPU), or
-# oneDNN's; BatchNorm (+ ReLU) in training runs through layers.norm_impl (oneDNN's where the
-# convolutions are, same maths, 4-5x faster than XLA's passes).
+# oneDNN's; BatchNorm (+ ReLU) runs through layers.norm_impl: oneDNN's where the convolutions
+# are (same maths), which lets --precision bfloat16 hand bfloat16 activations between layers
+# without a conversion pass at each BatchNorm (docs/performance.md).
 
 # A short run's batch statistics drift too slowly with flax's default 0.99, which makes
 # eval-mode accuracy look broken after a few hundred steps.
