@@ -187,12 +187,15 @@ def _f32(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, np.float32)
 
 
-def _call(target: str, out: Any, *args: jax.Array, geom: tuple) -> Any:
+def _ffi(target: str, out: Any, *args: jax.Array, **attrs: Any) -> Any:
     """Call kernel ``target`` with results ``out`` (one ShapeDtypeStruct, or a tuple)."""
-    strides, pads = geom[:2]
     # vmap (ensembles) loops over the mapped axis: the kernels take fixed-rank arrays.
-    fn = jax.ffi.ffi_call(_NAME + target, out, vmap_method="sequential")
-    return fn(*args, **_attrs(strides, pads))
+    return jax.ffi.ffi_call(_NAME + target, out, vmap_method="sequential")(*args, **attrs)
+
+
+def _call(target: str, out: Any, *args: jax.Array, geom: tuple) -> Any:
+    """A convolution kernel: :func:`_ffi` with ``geom``'s strides and padding."""
+    return _ffi(target, out, *args, **_attrs(*geom[:2]))
 
 
 def _out_shape(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[int, int, int, int]:
@@ -311,20 +314,15 @@ def conv_relu_pool(
 
 
 def _bn_call(target: str, out: Any, *args: jax.Array, cfg: tuple) -> Any:
-    eps, relu = cfg
-    fn = jax.ffi.ffi_call(_NAME + target, out, vmap_method="sequential")
-    return fn(*args, relu=np.int64(relu), epsilon=np.float32(eps))
+    eps, relu = cfg[:2]
+    return _ffi(target, out, *args, relu=np.int64(relu), epsilon=np.float32(eps))
 
 
 def _bn_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, cfg: tuple) -> tuple:
-    eps, relu = cfg
-    lib, _ = _load()
-    n, h, w, c = x.shape
-    bf16 = int(x.dtype == jnp.bfloat16)
-    ws = lib.springfield_bn_workspace_bytes(n, h, w, c, bf16, int(relu), eps) if relu else 0
-    channels = _f32((c,))
+    channels = _f32(scale.shape)
+    # cfg[2]: the bytes of the ReLU mask oneDNN keeps for the backward pass.
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels,
-           jax.ShapeDtypeStruct((ws,), np.uint8))  # fmt: skip
+           jax.ShapeDtypeStruct((cfg[2],), np.uint8))  # fmt: skip
     y, mean, var, mask = _bn_call("bn_forward", out, x, scale, bias, cfg=cfg)
     return (y, mean, var), (x, mean, var, scale, mask)
 
@@ -346,6 +344,18 @@ def _bn_bwd(cfg: tuple, res: tuple, cotangents: tuple) -> tuple[jax.Array, ...]:
 _bn.defvjp(_bn_fwd, _bn_bwd)
 
 
+def _bn_runs(x: jax.Array, *channels: jax.Array, types: tuple = (np.float32,)) -> bool:
+    # oneDNN available, a non-empty NHWC array of one of `types`, float32 per-channel arrays.
+    c = x.shape[-1] if x.ndim else None
+    return (
+        available()
+        and x.ndim == 4
+        and x.dtype in types
+        and 0 not in x.shape
+        and all(a.shape == (c,) and a.dtype == np.float32 for a in channels)
+    )
+
+
 def batch_norm(
     x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
@@ -356,14 +366,16 @@ def batch_norm(
     has its type; the statistics, ``scale`` and ``bias`` are float32). Same maths as
     ``nnx.BatchNorm`` (+ ReLU) up to summation order (and, for bfloat16, the rounding of
     ``y``), in fewer passes than XLA makes (docs/performance.md)."""
-    if not available() or x.ndim != 4 or x.dtype not in (np.float32, jnp.bfloat16):
+    if not _bn_runs(x, scale, bias, types=(np.float32, jnp.bfloat16)):
         return None
-    c = x.shape[-1]
-    if scale.shape != (c,) or bias.shape != (c,):
-        return None
-    if not (scale.dtype == bias.dtype == np.float32) or 0 in x.shape:
-        return None
-    y, mean, var = _bn(x, scale, bias, (float(epsilon), bool(relu)))
+    mask_bytes = 0
+    if relu:
+        n, h, w, c = x.shape
+        bf16 = int(x.dtype == jnp.bfloat16)
+        mask_bytes = _load()[0].springfield_bn_workspace_bytes(n, h, w, c, bf16, 1, epsilon)
+        if mask_bytes < 0:  # oneDNN has no such BatchNorm here
+            return None
+    y, mean, var = _bn(x, scale, bias, (float(epsilon), bool(relu), mask_bytes))
     return y, lax.stop_gradient(mean), lax.stop_gradient(var)
 
 
@@ -379,14 +391,10 @@ def batch_norm_infer(
     """Inference-mode BatchNorm from the running ``mean`` and ``var`` (then ReLU if
     ``relu``) in one oneDNN call, for bfloat16 ``x`` (the result is bfloat16); ``None``
     where that cannot run here or ``x`` is not bfloat16 NHWC. Not differentiable."""
-    if not available() or x.ndim != 4 or x.dtype != jnp.bfloat16 or 0 in x.shape:
-        return None
-    c = x.shape[-1]
-    if any(a.shape != (c,) or a.dtype != np.float32 for a in (scale, bias, mean, var)):
+    if not _bn_runs(x, scale, bias, mean, var, types=(jnp.bfloat16,)):
         return None
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    cfg = (float(epsilon), bool(relu))
-    return _bn_call("bn_infer", out, x, scale, bias, mean, var, cfg=cfg)
+    return _bn_call("bn_infer", out, x, scale, bias, mean, var, cfg=(epsilon, relu))
 
 
 def _pads(padding: Any) -> tuple:

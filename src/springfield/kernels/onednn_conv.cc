@@ -531,23 +531,17 @@ ffi::Error BlockBackwardWeights(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy,
 }
 
 
-// ---- BatchNorm (+ ReLU) in training mode ---------------------------------------------------
+// ---- BatchNorm (+ ReLU) ----------------------------------------------------------------------
 //
 // XLA:CPU runs a training BatchNorm + ReLU and its gradient as five to seven passes over the
 // activations (statistics, normalisation, ReLU, and backwards two reductions and the input
 // gradient), 4-5x the time oneDNN's JIT kernel takes for the same shapes when the data are
 // in cache (2 cores, docs/performance.md); with bfloat16 activations it also spares XLA's
-// conversion of each BatchNorm's input to float32. oneDNN computes the batch mean and biased variance, normalises,
-// scales and shifts, and with `relu` applies ReLU as it writes, keeping the ReLU's mask in
-// a workspace for the backward pass. Inference (running statistics) is one pass either way;
-// it runs here for bfloat16 activations, which XLA:CPU handles at half its float32 speed.
-
-struct BnPlan {
-  memory::desc data, channels;
-  dnnl::batch_normalization_forward::primitive_desc fwd_pd;
-  dnnl::batch_normalization_backward::primitive_desc bwd_pd;
-  dnnl::primitive fwd, bwd;
-};
+// conversion of each BatchNorm's input to float32. oneDNN computes the batch mean and biased
+// variance, normalises, scales and shifts, and with `relu` applies ReLU as it writes,
+// keeping the ReLU's mask in a workspace for the backward pass. Inference (running
+// statistics) is one pass either way; it runs here for bfloat16 activations, which XLA:CPU
+// handles at half its float32 speed.
 
 // n, h, w, c, inputs are bfloat16, relu, epsilon's float32 bits.
 Key BnKey(ffi::Span<const int64_t> x, ffi::DataType in, int64_t relu, float eps) {
@@ -556,53 +550,71 @@ Key BnKey(ffi::Span<const int64_t> x, ffi::DataType in, int64_t relu, float eps)
   return Key{x[0], x[1], x[2], x[3], in == ffi::DataType::BF16, relu, bits};
 }
 
-std::shared_ptr<BnPlan> MakeBnPlan(const Key& k) {
-  const int64_t n = k[0], h = k[1], w = k[2], c = k[3];
+// What training and inference plans share: the activations' and the per-channel arrays'
+// descriptors, epsilon, and the flags (ReLU fused where the key says so).
+struct BnDescs {
+  memory::desc data, channels;
   float eps;
+  dnnl::normalization_flags flags;
+};
+
+BnDescs MakeBnDescs(const Key& k, dnnl::normalization_flags extra) {
+  BnDescs d;
+  d.data = memory::desc({k[0], k[3], k[1], k[2]}, k[4] ? dt::bf16 : dt::f32, tag::nhwc);
+  d.channels = memory::desc({k[3]}, dt::f32, tag::x);
   const uint32_t bits = static_cast<uint32_t>(k[6]);
-  std::memcpy(&eps, &bits, 4);
+  std::memcpy(&d.eps, &bits, 4);
+  d.flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift | extra;
+  if (k[5]) d.flags |= dnnl::normalization_flags::fuse_norm_relu;
+  return d;
+}
+
+struct BnPlan {
+  BnDescs d;
+  dnnl::batch_normalization_forward::primitive_desc fwd_pd;
+  dnnl::batch_normalization_backward::primitive_desc bwd_pd;
+  dnnl::primitive fwd, bwd;
+};
+
+std::shared_ptr<BnPlan> MakeBnPlan(const Key& k) {
   auto plan = std::make_shared<BnPlan>();
-  auto& eng = Engine();
-  plan->data = memory::desc({n, c, h, w}, k[4] ? dt::bf16 : dt::f32, tag::nhwc);
-  plan->channels = memory::desc({c}, dt::f32, tag::x);
-  auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
-  if (k[5]) flags |= dnnl::normalization_flags::fuse_norm_relu;
+  auto& d = plan->d = MakeBnDescs(k, dnnl::normalization_flags::none);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   plan->fwd_pd = dnnl::batch_normalization_forward::primitive_desc(
-      eng, prop_kind::forward_training, plan->data, plan->data, eps, flags, attr);
+      Engine(), prop_kind::forward_training, d.data, d.data, d.eps, d.flags, attr);
   plan->bwd_pd = dnnl::batch_normalization_backward::primitive_desc(
-      eng, prop_kind::backward, plan->data, plan->data, plan->data, eps, flags,
-      plan->fwd_pd, attr);
+      Engine(), prop_kind::backward, d.data, d.data, d.data, d.eps, d.flags, plan->fwd_pd, attr);
   plan->fwd = dnnl::batch_normalization_forward(plan->fwd_pd);
   plan->bwd = dnnl::batch_normalization_backward(plan->bwd_pd);
   return plan;
 }
 
-std::shared_ptr<BnPlan> GetBnPlan(const Key& k) { return Cached(k, MakeBnPlan); }
-
 struct BnInferPlan {
-  memory::desc data, channels;
+  BnDescs d;
   dnnl::batch_normalization_forward::primitive_desc pd;
   dnnl::primitive prim;
 };
 
 std::shared_ptr<BnInferPlan> MakeBnInferPlan(const Key& k) {
-  float eps;
-  const uint32_t bits = static_cast<uint32_t>(k[6]);
-  std::memcpy(&eps, &bits, 4);
   auto plan = std::make_shared<BnInferPlan>();
-  plan->data = memory::desc({k[0], k[3], k[1], k[2]}, k[4] ? dt::bf16 : dt::f32, tag::nhwc);
-  plan->channels = memory::desc({k[3]}, dt::f32, tag::x);
-  auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift |
-               dnnl::normalization_flags::use_global_stats;
-  if (k[5]) flags |= dnnl::normalization_flags::fuse_norm_relu;
+  auto& d = plan->d = MakeBnDescs(k, dnnl::normalization_flags::use_global_stats);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   plan->pd = dnnl::batch_normalization_forward::primitive_desc(
-      Engine(), prop_kind::forward_inference, plan->data, plan->data, eps, flags, attr);
+      Engine(), prop_kind::forward_inference, d.data, d.data, d.eps, d.flags, attr);
   plan->prim = dnnl::batch_normalization_forward(plan->pd);
   return plan;
+}
+
+// oneDNN arguments: `data` pairs over activations, `channels` over per-channel arrays.
+std::unordered_map<int, memory> BnArgs(const BnDescs& d,
+                                       std::initializer_list<std::pair<int, void*>> data,
+                                       std::initializer_list<std::pair<int, void*>> channels) {
+  std::unordered_map<int, memory> args;
+  for (auto [arg, ptr] : data) args.emplace(arg, memory(d.data, Engine(), ptr));
+  for (auto [arg, ptr] : channels) args.emplace(arg, memory(d.channels, Engine(), ptr));
+  return args;
 }
 
 ffi::Error BnInfer(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
@@ -612,18 +624,10 @@ ffi::Error BnInfer(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ff
   return Guard([&] {
     auto p = Cached(BnKey(x.dimensions(), x.element_type(), relu, eps), MakeBnInferPlan);
     Run(p->prim, p->pd.scratchpad_desc(),
-        {{DNNL_ARG_SRC, memory(p->data, Engine(), x.untyped_data())},
-         {DNNL_ARG_DST, memory(p->data, Engine(), y->untyped_data())},
-         {DNNL_ARG_SCALE, memory(p->channels, Engine(), scale.typed_data())},
-         {DNNL_ARG_SHIFT, memory(p->channels, Engine(), shift.typed_data())},
-         {DNNL_ARG_MEAN, memory(p->channels, Engine(), mean.typed_data())},
-         {DNNL_ARG_VARIANCE, memory(p->channels, Engine(), var.typed_data())}});
+        BnArgs(p->d, {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_DST, y->untyped_data()}},
+               {{DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_SHIFT, shift.typed_data()},
+                {DNNL_ARG_MEAN, mean.typed_data()}, {DNNL_ARG_VARIANCE, var.typed_data()}}));
   });
-}
-
-// The workspace (ReLU mask) `bn_forward` writes and `bn_backward` reads, in bytes.
-int64_t BnWorkspaceBytes(const Key& k) {
-  return static_cast<int64_t>(GetBnPlan(k)->fwd_pd.workspace_desc().get_size());
 }
 
 ffi::Error BnForward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
@@ -632,15 +636,11 @@ ffi::Error BnForward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<
                      int64_t relu, float eps) {
   if (!Supported(x.element_type(), y->element_type())) return Unsupported();
   return Guard([&] {
-    const Key k = BnKey(x.dimensions(), x.element_type(), relu, eps);
-    auto p = GetBnPlan(k);
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, memory(p->data, Engine(), x.untyped_data())},
-        {DNNL_ARG_DST, memory(p->data, Engine(), y->untyped_data())},
-        {DNNL_ARG_SCALE, memory(p->channels, Engine(), scale.typed_data())},
-        {DNNL_ARG_SHIFT, memory(p->channels, Engine(), shift.typed_data())},
-        {DNNL_ARG_MEAN, memory(p->channels, Engine(), mean->typed_data())},
-        {DNNL_ARG_VARIANCE, memory(p->channels, Engine(), var->typed_data())}};
+    auto p = Cached(BnKey(x.dimensions(), x.element_type(), relu, eps), MakeBnPlan);
+    auto args = BnArgs(
+        p->d, {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_DST, y->untyped_data()}},
+        {{DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_SHIFT, shift.typed_data()},
+         {DNNL_ARG_MEAN, mean->typed_data()}, {DNNL_ARG_VARIANCE, var->typed_data()}});
     if (relu) {
       args.emplace(DNNL_ARG_WORKSPACE,
                    memory(p->fwd_pd.workspace_desc(), Engine(), ws->typed_data()));
@@ -659,17 +659,14 @@ ffi::Error BnBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32>
     return Unsupported();
   }
   return Guard([&] {
-    const Key k = BnKey(x.dimensions(), x.element_type(), relu, eps);
-    auto p = GetBnPlan(k);
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, memory(p->data, Engine(), x.untyped_data())},
-        {DNNL_ARG_DIFF_DST, memory(p->data, Engine(), dy.untyped_data())},
-        {DNNL_ARG_MEAN, memory(p->channels, Engine(), mean.typed_data())},
-        {DNNL_ARG_VARIANCE, memory(p->channels, Engine(), var.typed_data())},
-        {DNNL_ARG_SCALE, memory(p->channels, Engine(), scale.typed_data())},
-        {DNNL_ARG_DIFF_SRC, memory(p->data, Engine(), dx->untyped_data())},
-        {DNNL_ARG_DIFF_SCALE, memory(p->channels, Engine(), dscale->typed_data())},
-        {DNNL_ARG_DIFF_SHIFT, memory(p->channels, Engine(), dshift->typed_data())}};
+    auto p = Cached(BnKey(x.dimensions(), x.element_type(), relu, eps), MakeBnPlan);
+    auto args = BnArgs(p->d,
+                       {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_DIFF_DST, dy.untyped_data()},
+                        {DNNL_ARG_DIFF_SRC, dx->untyped_data()}},
+                       {{DNNL_ARG_MEAN, mean.typed_data()}, {DNNL_ARG_VARIANCE, var.typed_data()},
+                        {DNNL_ARG_SCALE, scale.typed_data()},
+                        {DNNL_ARG_DIFF_SCALE, dscale->typed_data()},
+                        {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}});
     if (relu) {
       args.emplace(DNNL_ARG_WORKSPACE,
                    memory(p->fwd_pd.workspace_desc(), Engine(), ws.typed_data()));
@@ -734,6 +731,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBlockBackwardWeights, BlockBackward
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() SPRINGFIELD_CONV_ATTRS);
 
+#define SPRINGFIELD_BN_ATTRS .Attr<int64_t>("relu").Attr<float>("epsilon")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldBnForward, BnForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -743,8 +742,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldBnForward, BnForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::U8>>()
-                                  .Attr<int64_t>("relu")
-                                  .Attr<float>("epsilon"));
+                                  SPRINGFIELD_BN_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldBnInfer, BnInfer,
                               ffi::Ffi::Bind()
@@ -754,8 +752,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldBnInfer, BnInfer,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("relu")
-                                  .Attr<float>("epsilon"));
+                                  SPRINGFIELD_BN_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldBnBackward, BnBackward,
                               ffi::Ffi::Bind()
@@ -768,16 +765,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldBnBackward, BnBackward,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("relu")
-                                  .Attr<float>("epsilon"));
+                                  SPRINGFIELD_BN_ATTRS);
 
 // The workspace bytes of a BatchNorm (+ ReLU) of NHWC shape n, h, w, c.
 extern "C" int64_t springfield_bn_workspace_bytes(int64_t n, int64_t h, int64_t w, int64_t c,
                                                    int64_t bf16, int64_t relu, float eps) {
   const int64_t dims[4] = {n, h, w, c};
   try {
-    return BnWorkspaceBytes(BnKey(ffi::Span<const int64_t>(dims, 4),
-                                  bf16 ? ffi::DataType::BF16 : ffi::DataType::F32, relu, eps));
+    const Key k = BnKey(ffi::Span<const int64_t>(dims, 4),
+                        bf16 ? ffi::DataType::BF16 : ffi::DataType::F32, relu, eps);
+    return static_cast<int64_t>(Cached(k, MakeBnPlan)->fwd_pd.workspace_desc().get_size());
   } catch (const dnnl::error&) {
     return -1;
   }

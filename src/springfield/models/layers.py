@@ -250,21 +250,19 @@ def onednn_norm(bn: nnx.BatchNorm, x: jax.Array, *, train: bool, act: Any = None
         and bn.dtype in (None, x.dtype)
     )
     relu = act is jax.nn.relu
-    out = None
+    scale, bias = bn.scale[...], bn.bias[...]
+    y = None
     if plain and not train:
-        y = onednn.batch_norm_infer(
-            x, bn.scale[...], bn.bias[...], bn.mean[...], bn.var[...], bn.epsilon, relu=relu
-        )
-        if y is not None:
-            return y if relu or act is None else act(y)
+        y = onednn.batch_norm_infer(x, scale, bias, bn.mean[...], bn.var[...], bn.epsilon, relu)
     elif plain:
-        out = onednn.batch_norm(x, bn.scale[...], bn.bias[...], bn.epsilon, relu=relu)
-    if out is None:
+        out = onednn.batch_norm(x, scale, bias, bn.epsilon, relu=relu)
+        if out is not None:
+            y, mean, var = out
+            m = bn.momentum
+            bn.mean[...] = m * bn.mean[...] + (1 - m) * mean
+            bn.var[...] = m * bn.var[...] + (1 - m) * var
+    if y is None:
         return xla_norm(bn, x, train=train, act=act)
-    y, mean, var = out
-    m = bn.momentum
-    bn.mean[...] = m * bn.mean[...] + (1 - m) * mean
-    bn.var[...] = m * bn.var[...] + (1 - m) * var
     return y if relu or act is None else act(y)
 
 
