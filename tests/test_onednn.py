@@ -333,6 +333,61 @@ def test_fused_block_in_bfloat16_matches_the_separate_bfloat16_layers(monkeypatc
     )
 
 
+@pytest.mark.parametrize("channels, input_grad", [(16, True), (3, False)])
+def test_fused_block_hands_bfloat16_activations_on(channels, input_grad):
+    # With bfloat16 activations the block reads a bfloat16 input, writes a bfloat16 output
+    # and reads its bfloat16 gradient, and gives the input's gradient back in bfloat16; the
+    # numbers are the float32-activation block's (the same products), rounded. The image's
+    # block (3 channels: float32 products) takes the float32 image and writes bfloat16 too.
+    if not (onednn.available() and onednn.bf16_supported()):
+        pytest.skip("bfloat16 activations need oneDNN on a CPU with bfloat16 instructions")
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(12), 4)
+    x = jax.random.normal(k1, (4, 12, 10, channels))
+    if channels > 3:
+        x = x.astype(jnp.bfloat16)
+    w = jax.random.normal(k2, (3, 3, channels, 32)) * 0.2
+    b = jax.random.normal(k3, (32,)) * 0.2
+    probe = jax.random.normal(k4, (4, 6, 5, 32))
+    out = {}
+    for acts in (True, False):
+        block = partial(onednn.conv_relu_pool, bfloat16=True, input_grad=input_grad)
+
+        def loss(x, w, b, acts=acts, block=block):
+            y = block(x.astype(jnp.float32) if not acts else x, w, b, activations=acts)
+            return jnp.sum(y.astype(jnp.float32) * probe), y
+
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, b)
+        out[acts] = (y, *grads)
+    y, dx, dw, db = out[True]
+    assert y.dtype == jnp.bfloat16 and dx.dtype == x.dtype
+    assert dw.dtype == db.dtype == jnp.float32
+    assert out[False][0].dtype == jnp.float32
+    for a, c in zip(out[True], out[False], strict=True):
+        a, c = np.asarray(a, np.float32), np.asarray(c, np.float32)
+        np.testing.assert_allclose(a, c, rtol=2e-2, atol=2e-2 * float(np.max(np.abs(c))))
+    if not input_grad:
+        assert not np.asarray(dx, np.float32).any()
+
+
+def test_bfloat16_refcnn_hands_bfloat16_between_its_fused_blocks():
+    if not (onednn.available() and onednn.bf16_supported()):
+        pytest.skip("bfloat16 activations need oneDNN on a CPU with bfloat16 instructions")
+    x = jax.random.normal(jax.random.key(13), (2, 32, 32, 3))
+    model = build_model("refcnn", 3, image_size=(32, 32), precision="bfloat16")
+    loss = lambda m: jnp.sum(m(x, train=True) ** 2)  # noqa: E731
+    hlo = nnx.jit(nnx.grad(loss)).lower(model).as_text()
+    calls = [line for line in hlo.splitlines() if "custom_call" in line]
+    blocks = [line for line in calls if "block_forward" in line]
+    # (StableHLO: "... -> (tensor<2x16x16x32xbf16>, tensor<...xui8>)": the pooled output.)
+    outputs = [line.split("->")[-1].split(",")[0] for line in blocks]
+    assert len(outputs) == 3 and all(o.endswith("xbf16>") for o in outputs), outputs
+    assert model(x, train=True).dtype == jnp.float32  # the head's logits
+    eval_hlo = nnx.jit(lambda m, x: m(x)).lower(model, x).as_text()
+    calls = [line for line in eval_hlo.splitlines() if "custom_call" in line]
+    infers = [line for line in calls if "block_infer" in line]
+    assert len(infers) == 3 and all(line.rstrip().endswith("xbf16>") for line in infers), infers
+
+
 def test_models_use_the_fused_block_only_for_relu_and_train_the_same(monkeypatch):
     # refcnn and seed run conv -> ReLU -> pool as one oneDNN block; their gradients equal
     # the separate layers'; with another activation the block is not used.

@@ -245,35 +245,44 @@ def _pooled_shape(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[int, int, in
     return n, oh // 2, ow // 2, o
 
 
+# A block's geom = (strides, pads, bfloat16 products, input_grad, bfloat16 activations).
+def _pooled(x: jax.Array, w: jax.Array, geom: tuple) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(_pooled_shape(x, w, geom), jnp.bfloat16 if geom[4] else np.float32)
+
+
+def _block_inputs(geom: tuple, x: jax.Array, w: jax.Array) -> list[jax.Array]:
+    # A float32-product block (the image's 3 channels) may get a bfloat16 input: widen it.
+    return _inputs(geom, x, w) if geom[2] else [x.astype(np.float32), w]
+
+
 def _block_fwd(x: jax.Array, w: jax.Array, b: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
-    x_in, w_in = _inputs(geom, x, w)
-    out = (
-        _f32(_pooled_shape(x, w, geom)),
-        jax.ShapeDtypeStruct(_out_shape(x, w, geom), np.uint8),
-    )
+    x_in, w_in = _block_inputs(geom, x, w)
+    out = (_pooled(x, w, geom), jax.ShapeDtypeStruct(_out_shape(x, w, geom), np.uint8))
     y, mask = _call("block_forward", out, x_in, w_in, b, geom=geom)
-    return y, (x_in, w_in, mask)
+    return y, (x_in, w_in, mask, jnp.zeros(0, x.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _block(x: jax.Array, w: jax.Array, b: jax.Array, geom: tuple) -> jax.Array:
     # Not differentiated (evaluation): no mask to keep.
-    x_in, w_in = _inputs(geom, x, w)
-    return _call("block_infer", _f32(_pooled_shape(x, w, geom)), x_in, w_in, b, geom=geom)
+    x_in, w_in = _block_inputs(geom, x, w)
+    return _call("block_infer", _pooled(x, w, geom), x_in, w_in, b, geom=geom)
 
 
 def _block_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, ...]:
-    x_in, w_in, mask = res
+    # dy comes in the output's type (float32 or bfloat16); the kernels read either.
+    x_in, w_in, mask, x_type = res
     if not geom[3]:
         # No input gradient (see conv_relu_pool): the weights' one pass, chunked in cache.
         out = (_f32(w_in.shape), _f32(w_in.shape[-1:]))
         dw, db = _call("block_weight_grad", out, x_in, dy, mask, geom=geom)
-        return jnp.zeros(x_in.shape, np.float32), dw, db
+        return jnp.zeros(x_in.shape, x_type.dtype), dw, db
     out = (jax.ShapeDtypeStruct(mask.shape, x_in.dtype), _f32(w_in.shape), _f32(w_in.shape[-1:]))
     dz, dw, db = _call("block_backward", out, x_in, dy, mask, geom=geom)
     # A separate call, so that XLA drops it wherever the input's gradient goes unused.
-    dx = _call("input_grad", _f32(x_in.shape), dz, w_in, geom=geom)
-    return dx, dw, db
+    dx_type = jnp.bfloat16 if geom[2] and geom[4] else np.float32
+    dx = _call("input_grad", jax.ShapeDtypeStruct(x_in.shape, dx_type), dz, w_in, geom=geom)
+    return dx.astype(x_type.dtype), dw, db
 
 
 _block.defvjp(_block_fwd, _block_bwd)
@@ -286,6 +295,7 @@ def conv_relu_pool(
     padding: str | Any = "SAME",
     bfloat16: bool = False,
     input_grad: bool = True,
+    activations: bool = False,
 ) -> jax.Array | None:
     """``avg_pool(relu(conv(x, w) + b), 2x2, stride 2)`` in two oneDNN calls (forward and
     backward, plus the input gradient's convolution), or ``None`` where that cannot run here:
@@ -294,10 +304,15 @@ def conv_relu_pool(
     in :func:`make_conv`. Same maths as the unfused layers, up to summation order.
     ``input_grad=False`` treats ``x`` as a constant (its gradient is zero, as under
     :func:`jax.lax.stop_gradient`), for a network's first block, whose input is the image:
-    the backward pass then never writes the convolution output's gradient to memory."""
+    the backward pass then never writes the convolution output's gradient to memory.
+    ``activations`` (with ``bfloat16``): the block writes its output, and reads its output's
+    gradient and writes its input's, in bfloat16, and ``x`` may be bfloat16 (bfloat16
+    activations between layers, as :func:`make_conv`'s convolutions hand on)."""
     if not available() or x.ndim != 4 or w.ndim != 4 or b.ndim != 1:
         return None
-    if not (x.dtype == w.dtype == b.dtype == np.float32) or w.shape[2] != x.shape[3]:
+    activations = activations and bfloat16 and bf16_supported()
+    x_ok = x.dtype == np.float32 or (x.dtype == jnp.bfloat16 and activations)
+    if not (x_ok and w.dtype == b.dtype == np.float32) or w.shape[2] != x.shape[3]:
         return None
     if isinstance(padding, str):
         if padding not in ("SAME", "VALID"):
@@ -306,7 +321,8 @@ def conv_relu_pool(
     if not (isinstance(padding, tuple | list) and all(len(p) == 2 for p in padding)):
         return None
     bf16 = bfloat16 and bf16_supported() and w.shape[2] >= MIN_BF16_CHANNELS
-    geom = ((1, 1), tuple((int(lo), int(hi)) for lo, hi in padding), bf16, input_grad)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    geom = ((1, 1), pads, bf16, input_grad, activations)
     _, oh, ow, _ = _out_shape(x, w, geom)
     if oh < 2 or ow < 2:
         return None

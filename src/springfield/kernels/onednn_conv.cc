@@ -25,6 +25,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -318,10 +320,58 @@ Key BlockKey(ffi::Span<const int64_t> x, ffi::Span<const int64_t> wt, int64_t sh
              ow,   sh,   sw,   pt,   pb,    pl,    pr,    in == ffi::DataType::BF16};
 }
 
-// y[n, i, j, c] = mean of r over the 2x2 window at (2i, 2j); mask[...] = r > 0 everywhere
-// (rows and columns the floor division leaves out get no gradient anyway).
-void PoolAndMask(const float* r, float* y, uint8_t* mask, int64_t n, int64_t oh, int64_t ow,
-                 int64_t c) {
+inline uint16_t ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even (activations are finite)
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// The same rounding, 16 at a time: the scalar loop does not vectorise (no 32->16-bit
+// narrowing below AVX-512), and at ~1 ns an element it took 2x the memory pass it sits in.
+__attribute__((target("avx512f"))) void ToBf16Avx512(const float* in, uint16_t* out,
+                                                     int64_t n) {
+  const __m512i round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512i u = _mm512_castps_si512(_mm512_loadu_ps(in + i));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+  }
+  for (; i < n; ++i) out[i] = ToBf16(in[i]);
+}
+
+void ToBf16Row(const float* in, uint16_t* out, int64_t n) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) {
+    ToBf16Avx512(in, out, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = ToBf16(in[i]);
+  }
+}
+
+void FromBf16Row(const uint16_t* in, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(in[i]) << 16;
+    std::memcpy(out + i, &u, 4);
+  }
+}
+
+// A per-thread float row for the passes that read or write bfloat16: they compute in
+// float32 there and convert the row at once.
+float* RowScratch(int64_t count, int which) {
+  static thread_local std::vector<float> rows[2];
+  if (static_cast<int64_t>(rows[which].size()) < count) rows[which].resize(count);
+  return rows[which].data();
+}
+
+// y[n, i, j, c] = mean of r over the 2x2 window at (2i, 2j), in float32 or (y_bf16)
+// bfloat16; mask[...] = r > 0 everywhere (rows and columns the floor division leaves out get
+// no gradient anyway).
+void PoolAndMask(const float* r, void* y, bool y_bf16, uint8_t* mask, int64_t n, int64_t oh,
+                 int64_t ow, int64_t c) {
   const int64_t ph = oh / 2, pw = ow / 2;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < n; ++b) {
@@ -334,7 +384,8 @@ void PoolAndMask(const float* r, float* y, uint8_t* mask, int64_t n, int64_t oh,
       }
       if (i % 2 == 1 || i / 2 >= ph) continue;
       const float* next = row + ow * c;
-      float* out = y + (b * ph + i / 2) * pw * c;
+      const int64_t at = (b * ph + i / 2) * pw * c;
+      float* out = y_bf16 ? RowScratch(pw * c, 0) : static_cast<float*>(y) + at;
       for (int64_t j = 0; j < pw; ++j) {
         const float* a = row + 2 * j * c;
         const float* d = next + 2 * j * c;
@@ -342,50 +393,52 @@ void PoolAndMask(const float* r, float* y, uint8_t* mask, int64_t n, int64_t oh,
         for (int64_t ch = 0; ch < c; ++ch)
           out[j * c + ch] = 0.25f * (a[ch] + a[c + ch] + d[ch] + d[c + ch]);
       }
+      if (y_bf16) ToBf16Row(out, static_cast<uint16_t*>(y) + at, pw * c);
     }
   }
 }
 
-inline uint16_t ToBf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even (gradients are finite)
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// dz[n, i, j, c] = dy[n, i/2, j/2, c] / 4 where mask, else 0.
-template <typename T, typename Convert>
-void Unpool(const float* dy, const uint8_t* mask, T* dz, int64_t n, int64_t oh, int64_t ow,
-            int64_t c, Convert convert) {
+// dz[n, i, j, c] = dy[n, i/2, j/2, c] / 4 where mask, else 0; dy and dz each float32 or
+// (the flags) bfloat16.
+void Unpool(const void* dy, bool dy_bf16, const uint8_t* mask, void* dz, bool dz_bf16,
+            int64_t n, int64_t oh, int64_t ow, int64_t c) {
   const int64_t ph = oh / 2, pw = ow / 2;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t i = 0; i < oh; ++i) {
       const uint8_t* m = mask + (b * oh + i) * ow * c;
-      T* out = dz + (b * oh + i) * ow * c;
+      const int64_t at = (b * oh + i) * ow * c;
+      float* out = dz_bf16 ? RowScratch(ow * c, 0) : static_cast<float*>(dz) + at;
       if (i / 2 >= ph) {
-        for (int64_t e = 0; e < ow * c; ++e) out[e] = convert(0.f);
-        continue;
-      }
-      const float* g = dy + (b * ph + i / 2) * pw * c;
-      for (int64_t j = 0; j < ow; ++j) {
-        const int64_t e0 = j * c;
-        if (j / 2 >= pw) {
-          for (int64_t ch = 0; ch < c; ++ch) out[e0 + ch] = convert(0.f);
-          continue;
+        std::fill(out, out + ow * c, 0.f);
+      } else {
+        const int64_t g_at = (b * ph + i / 2) * pw * c;
+        const float* g = static_cast<const float*>(dy) + g_at;
+        if (dy_bf16) {
+          float* gf = RowScratch(pw * c, 1);
+          FromBf16Row(static_cast<const uint16_t*>(dy) + g_at, gf, pw * c);
+          g = gf;
         }
-        const float* gj = g + (j / 2) * c;
+        for (int64_t j = 0; j < ow; ++j) {
+          const int64_t e0 = j * c;
+          if (j / 2 >= pw) {
+            std::fill(out + e0, out + e0 + c, 0.f);
+            continue;
+          }
+          const float* gj = g + (j / 2) * c;
 #pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) {
-          // A select by bit mask, not a branch: the mask is as random as the activations.
-          float v = 0.25f * gj[ch];
-          uint32_t u;
-          std::memcpy(&u, &v, 4);
-          u &= 0u - static_cast<uint32_t>(m[e0 + ch]);
-          std::memcpy(&v, &u, 4);
-          out[e0 + ch] = convert(v);
+          for (int64_t ch = 0; ch < c; ++ch) {
+            // A select by bit mask, not a branch: the mask is as random as the activations.
+            float v = 0.25f * gj[ch];
+            uint32_t u;
+            std::memcpy(&u, &v, 4);
+            u &= 0u - static_cast<uint32_t>(m[e0 + ch]);
+            std::memcpy(&v, &u, 4);
+            out[e0 + ch] = v;
+          }
         }
       }
+      if (dz_bf16) ToBf16Row(out, static_cast<uint16_t*>(dz) + at, ow * c);
     }
   }
 }
@@ -406,8 +459,13 @@ Key WithBatch(Key k, int64_t n) {
   return k;
 }
 
-void BlockForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, float* y,
-                      uint8_t* mask, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+bool IsBf16(ffi::DataType t) { return t == ffi::DataType::BF16; }
+
+bool Activation(ffi::DataType t) { return t == ffi::DataType::F32 || IsBf16(t); }
+
+// The pooled output `y` is float32 or bfloat16 (bfloat16 activations), whatever the inputs.
+void BlockForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b,
+                      ffi::AnyBuffer y, uint8_t* mask, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
                       int64_t pl, int64_t pr) {
   const Key k = BlockKey(x.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr,
                          x.element_type());
@@ -431,45 +489,43 @@ void BlockForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> 
     Run(p->fwd, p->fwd_pd.scratchpad_desc(),
         {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_BIAS, bias},
          {DNNL_ARG_DST, dst}});
-    PoolAndMask(r, y + start * (oh / 2) * (ow / 2) * o,
-                mask != nullptr ? mask + start * oh * ow * o : nullptr, nb, oh, ow, o);
+    const bool y_bf16 = IsBf16(y.element_type());
+    PoolAndMask(r,
+                static_cast<char*>(y.untyped_data()) +
+                    start * (oh / 2) * (ow / 2) * o * (y_bf16 ? 2 : 4),
+                y_bf16, mask != nullptr ? mask + start * oh * ow * o : nullptr, nb, oh, ow, o);
   }
 }
 
 ffi::Error BlockForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b,
-                        ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::U8> mask,
+                        ffi::Result<ffi::AnyBuffer> y, ffi::ResultBuffer<ffi::U8> mask,
                         int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
                         int64_t pr) {
-  if (!Supported(x.element_type(), w.element_type())) return Unsupported();
+  if (!Supported(x.element_type(), w.element_type()) || !Activation(y->element_type())) {
+    return Unsupported();
+  }
   return Guard([&] {
-    BlockForwardImpl(x, w, b, y->typed_data(), mask->typed_data(), sh, sw, pt, pb, pl, pr);
+    BlockForwardImpl(x, w, b, *y, mask->typed_data(), sh, sw, pt, pb, pl, pr);
   });
 }
 
 ffi::Error BlockInfer(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                      ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt,
                       int64_t pb, int64_t pl, int64_t pr) {
-  if (!Supported(x.element_type(), w.element_type())) return Unsupported();
-  return Guard([&] {
-    BlockForwardImpl(x, w, b, y->typed_data(), nullptr, sh, sw, pt, pb, pl, pr);
-  });
-}
-
-// dz = the convolution output's gradient, in the inputs' type (bfloat16 or float32).
-void UnpoolAs(bool bf16, const float* dy, const uint8_t* mask, void* dz, int64_t n,
-              int64_t oh, int64_t ow, int64_t c) {
-  if (bf16) {
-    Unpool(dy, mask, static_cast<uint16_t*>(dz), n, oh, ow, c, ToBf16);
-  } else {
-    Unpool(dy, mask, static_cast<float*>(dz), n, oh, ow, c, [](float v) { return v; });
+  if (!Supported(x.element_type(), w.element_type()) || !Activation(y->element_type())) {
+    return Unsupported();
   }
+  return Guard([&] {
+    BlockForwardImpl(x, w, b, *y, nullptr, sh, sw, pt, pb, pl, pr);
+  });
 }
 
 // From the pooled output's gradient, the block's weight and bias gradients. With `dz_out`,
 // the convolution output's gradient goes there (the whole batch, for the input-gradient
 // convolution that follows). Without (the first block: nobody wants the image's gradient),
 // it is made chunk by chunk in cache and consumed at once, and the chunks' gradients summed.
-void BlockWeightGrad(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::U8> mask,
+// `dy` is float32 or bfloat16; the convolution output's gradient is in the inputs' type.
+void BlockWeightGrad(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::U8> mask,
                      void* dz_out, float* dw, float* db, const Key& k) {
   const int64_t n = k[0], h = k[1], wd = k[2], c = k[3], o = k[6], oh = k[7], ow = k[8];
   const bool bf16 = k[15];
@@ -485,8 +541,10 @@ void BlockWeightGrad(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi
     const int64_t nb = std::min(chunk, n - start);
     auto p = GetBlockPlan(WithBatch(k, nb));
     void* dz = dz_out != nullptr ? dz_out : scratch;
-    UnpoolAs(bf16, dy.typed_data() + start * (oh / 2) * (ow / 2) * o,
-             mask.typed_data() + start * oh * ow * o, dz, nb, oh, ow, o);
+    const bool dy_bf16 = IsBf16(dy.element_type());
+    Unpool(static_cast<const char*>(dy.untyped_data()) +
+               start * (oh / 2) * (ow / 2) * o * (dy_bf16 ? 2 : 4),
+           dy_bf16, mask.typed_data() + start * oh * ow * o, dz, bf16, nb, oh, ow, o);
     const bool first = start == 0;
     if (!first) {
       part_w.resize(wcount);
@@ -505,12 +563,14 @@ void BlockWeightGrad(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi
   }
 }
 
-ffi::Error BlockBackward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy,
+ffi::Error BlockBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy,
                          ffi::Buffer<ffi::U8> mask, ffi::Result<ffi::AnyBuffer> dz,
                          ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db,
                          int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
                          int64_t pr) {
-  if (!Supported(x.element_type(), dz->element_type())) return Unsupported();
+  if (!Supported(x.element_type(), dz->element_type()) || !Activation(dy.element_type())) {
+    return Unsupported();
+  }
   return Guard([&] {
     BlockWeightGrad(x, dy, mask, dz->untyped_data(), dw->typed_data(), db->typed_data(),
                     BlockKey(x.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr,
@@ -518,11 +578,13 @@ ffi::Error BlockBackward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy,
   });
 }
 
-ffi::Error BlockBackwardWeights(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> dy,
+ffi::Error BlockBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
                                 ffi::Buffer<ffi::U8> mask, ffi::ResultBuffer<ffi::F32> dw,
                                 ffi::ResultBuffer<ffi::F32> db, int64_t sh, int64_t sw,
                                 int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  if (!Supported(x.element_type(), x.element_type())) return Unsupported();
+  if (!Supported(x.element_type(), x.element_type()) || !Activation(dy.element_type())) {
+    return Unsupported();
+  }
   return Guard([&] {
     BlockWeightGrad(x, dy, mask, nullptr, dw->typed_data(), db->typed_data(),
                     BlockKey(x.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr,
@@ -704,7 +766,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBlockForward, BlockForward,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::U8>>() SPRINGFIELD_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBlockInfer, BlockInfer,
@@ -712,12 +774,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBlockInfer, BlockInfer,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() SPRINGFIELD_CONV_ATTRS);
+                                  .Ret<ffi::AnyBuffer>() SPRINGFIELD_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBlockBackward, BlockBackward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -726,7 +788,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBlockBackward, BlockBackward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBlockBackwardWeights, BlockBackwardWeights,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() SPRINGFIELD_CONV_ATTRS);

@@ -210,7 +210,13 @@ def conv_act_pool(conv: nnx.Conv, act: Any, x: jax.Array, input_grad: bool = Tru
     )
     if plain:
         y = onednn.conv_relu_pool(
-            x, conv.kernel[...], conv.bias[...], conv.padding, bfloat16=bf16, input_grad=input_grad
+            x,
+            conv.kernel[...],
+            conv.bias[...],
+            conv.padding,
+            bfloat16=bf16,
+            input_grad=input_grad,
+            activations=getattr(conv.conv_general_dilated, "bfloat16_activations", False),
         )
         if y is not None:
             return y
