@@ -267,7 +267,13 @@ def _reference_block(x, w, b):
 
 @pytest.mark.parametrize(
     "x_shape, out_channels",
-    [((4, 16, 16, 3), 32), ((2, 15, 9, 16), 8), ((3, 8, 6, 32), 64), ((1, 7, 7, 8), 8)],
+    [
+        ((4, 16, 16, 3), 32),
+        ((2, 15, 9, 16), 8),
+        ((3, 8, 6, 32), 64),
+        ((1, 7, 7, 8), 8),
+        ((2, 9, 11, 8), 24),  # 16 channels a vector, then 8
+    ],
 )
 def test_fused_conv_relu_pool_matches_the_separate_layers(x_shape, out_channels):
     # Odd heights and widths: the row and column the pooling drops must get no gradient.
@@ -391,6 +397,31 @@ def test_bfloat16_refcnn_hands_bfloat16_between_its_fused_blocks():
     calls = [line for line in eval_hlo.splitlines() if "custom_call" in line]
     infers = [line for line in calls if "block_infer" in line]
     assert len(infers) == 3 and all(line.rstrip().endswith("xbf16>") for line in infers), infers
+
+
+def test_fused_block_passes_without_avx512_give_the_same_results():
+    # The pooling passes have AVX-512 and portable versions; a CPU without AVX-512 runs the
+    # latter. The block's tests again, in a process that keeps to the portable ones.
+    if not onednn.available():
+        pytest.skip("oneDNN cannot run here")
+    tests = [
+        f"{__file__}::{name}"
+        for name in (
+            "test_fused_conv_relu_pool_matches_the_separate_layers",
+            "test_fused_block_hands_bfloat16_activations_on",
+            "test_first_block_without_input_gradient_in_chunks_of_one_image",
+        )
+    ]
+    env = {**os.environ, "SPRINGFIELD_KERNELS_AVX512": "0"}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *tests],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
 
 
 def test_models_use_the_fused_block_only_for_relu_and_train_the_same(monkeypatch):

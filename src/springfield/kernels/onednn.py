@@ -257,7 +257,9 @@ def _block_inputs(geom: tuple, x: jax.Array, w: jax.Array) -> list[jax.Array]:
 
 def _block_fwd(x: jax.Array, w: jax.Array, b: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
     x_in, w_in = _block_inputs(geom, x, w)
-    out = (_pooled(x, w, geom), jax.ShapeDtypeStruct(_out_shape(x, w, geom), np.uint8))
+    n, oh, ow, o = _out_shape(x, w, geom)
+    # ReLU's mask: one bit per element of the convolution's output.
+    out = (_pooled(x, w, geom), jax.ShapeDtypeStruct((n, oh, ow, o // 8), np.uint8))
     y, mask = _call("block_forward", out, x_in, w_in, b, geom=geom)
     return y, (x_in, w_in, mask, jnp.zeros(0, x.dtype))
 
@@ -277,7 +279,8 @@ def _block_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, ...]:
         out = (_f32(w_in.shape), _f32(w_in.shape[-1:]))
         dw, db = _call("block_weight_grad", out, x_in, dy, mask, geom=geom)
         return jnp.zeros(x_in.shape, x_type.dtype), dw, db
-    out = (jax.ShapeDtypeStruct(mask.shape, x_in.dtype), _f32(w_in.shape), _f32(w_in.shape[-1:]))
+    dz = jax.ShapeDtypeStruct(_out_shape(x_in, w_in, geom), x_in.dtype)
+    out = (dz, _f32(w_in.shape), _f32(w_in.shape[-1:]))
     dz, dw, db = _call("block_backward", out, x_in, dy, mask, geom=geom)
     # A separate call, so that XLA drops it wherever the input's gradient goes unused.
     dx_type = jnp.bfloat16 if geom[2] and geom[4] else np.float32
@@ -299,7 +302,8 @@ def conv_relu_pool(
 ) -> jax.Array | None:
     """``avg_pool(relu(conv(x, w) + b), 2x2, stride 2)`` in two oneDNN calls (forward and
     backward, plus the input gradient's convolution), or ``None`` where that cannot run here:
-    oneDNN not :func:`available`, not float32 NHWC/HWIO, or an output smaller than 2x2.
+    oneDNN not :func:`available`, not float32 NHWC/HWIO, output channels not a multiple of
+    8, or an output smaller than 2x2.
     Stride 1; ``padding`` as :func:`jax.lax.conv_general_dilated` takes it; ``bfloat16`` as
     in :func:`make_conv`. Same maths as the unfused layers, up to summation order.
     ``input_grad=False`` treats ``x`` as a constant (its gradient is zero, as under
@@ -313,6 +317,8 @@ def conv_relu_pool(
     activations = activations and bfloat16 and bf16_supported()
     x_ok = x.dtype == np.float32 or (x.dtype == jnp.bfloat16 and activations)
     if not (x_ok and w.dtype == b.dtype == np.float32) or w.shape[2] != x.shape[3]:
+        return None
+    if w.shape[3] % 8:  # ReLU's mask packs 8 output channels to a byte
         return None
     if isinstance(padding, str):
         if padding not in ("SAME", "VALID"):

@@ -320,6 +320,13 @@ Key BlockKey(ffi::Span<const int64_t> x, ffi::Span<const int64_t> wt, int64_t sh
              ow,   sh,   sw,   pt,   pb,    pl,    pr,    in == ffi::DataType::BF16};
 }
 
+// Whether the AVX-512 versions of the passes below run (SPRINGFIELD_KERNELS_AVX512=0 keeps
+// the portable ones, which the tests check against the same references).
+bool Avx512() {
+  const char* env = std::getenv("SPRINGFIELD_KERNELS_AVX512");
+  return __builtin_cpu_supports("avx512f") && !(env != nullptr && std::string(env) == "0");
+}
+
 inline uint16_t ToBf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -343,7 +350,7 @@ __attribute__((target("avx512f"))) void ToBf16Avx512(const float* in, uint16_t* 
 }
 
 void ToBf16Row(const float* in, uint16_t* out, int64_t n) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx512 = Avx512();
   if (avx512) {
     ToBf16Avx512(in, out, n);
   } else {
@@ -367,9 +374,88 @@ float* RowScratch(int64_t count, int which) {
   return rows[which].data();
 }
 
+// ReLU's mask keeps one bit per element of the convolution's output (bit e % 8 of byte
+// e / 8 of the flat index e; `c` a multiple of 8): a byte each was the largest array the
+// block wrote and read back (67 MB at 128 px for the first block), and memory, not
+// arithmetic, bounds these passes.
+__attribute__((target("avx512f"))) void MaskRowAvx512(const float* row, uint8_t* m,
+                                                      int64_t n) {
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16) {
+    const uint16_t bits = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + e), _mm512_setzero_ps(),
+                                             _CMP_GT_OQ);
+    std::memcpy(m + e / 8, &bits, 2);
+  }
+  for (; e < n; e += 8) {
+    uint8_t bits = 0;
+    for (int k = 0; k < 8; ++k) bits |= static_cast<uint8_t>(row[e + k] > 0.f) << k;
+    m[e / 8] = bits;
+  }
+}
+
+void MaskRow(const float* row, uint8_t* m, int64_t n) {
+  static const bool avx512 = Avx512();
+  if (avx512) {
+    MaskRowAvx512(row, m, n);
+    return;
+  }
+  for (int64_t e = 0; e < n; e += 8) {
+    uint8_t bits = 0;
+    for (int k = 0; k < 8; ++k) bits |= static_cast<uint8_t>(row[e + k] > 0.f) << k;
+    m[e / 8] = bits;
+  }
+}
+
+// One row of the convolution output's gradient: out[j, ch] = g[j / 2, ch] / 4 where the
+// mask bit of element j * c + ch is set, else 0 (and 0 for a last odd column).
+__attribute__((target("avx512f"))) void UnpoolRowAvx512(const float* g, const uint8_t* m,
+                                                        float* out, int64_t ow, int64_t pw,
+                                                        int64_t c) {
+  const __m512 quarter = _mm512_set1_ps(0.25f);
+  for (int64_t j = 0; j < ow; ++j) {
+    float* o = out + j * c;
+    if (j / 2 >= pw) {
+      std::fill(o, o + c, 0.f);
+      continue;
+    }
+    const float* gj = g + (j / 2) * c;
+    int64_t ch = 0;
+    for (; ch + 16 <= c; ch += 16) {
+      uint16_t bits;
+      std::memcpy(&bits, m + (j * c + ch) / 8, 2);
+      _mm512_storeu_ps(o + ch, _mm512_maskz_mul_ps(bits, _mm512_loadu_ps(gj + ch), quarter));
+    }
+    for (; ch < c; ++ch) {
+      const int64_t e = j * c + ch;
+      o[ch] = (m[e / 8] >> (e % 8)) & 1 ? 0.25f * gj[ch] : 0.f;
+    }
+  }
+}
+
+void UnpoolRow(const float* g, const uint8_t* m, float* out, int64_t ow, int64_t pw,
+               int64_t c) {
+  static const bool avx512 = Avx512();
+  if (avx512) {
+    UnpoolRowAvx512(g, m, out, ow, pw, c);
+    return;
+  }
+  for (int64_t j = 0; j < ow; ++j) {
+    float* o = out + j * c;
+    if (j / 2 >= pw) {
+      std::fill(o, o + c, 0.f);
+      continue;
+    }
+    const float* gj = g + (j / 2) * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const int64_t e = j * c + ch;
+      o[ch] = (m[e / 8] >> (e % 8)) & 1 ? 0.25f * gj[ch] : 0.f;
+    }
+  }
+}
+
 // y[n, i, j, c] = mean of r over the 2x2 window at (2i, 2j), in float32 or (y_bf16)
-// bfloat16; mask[...] = r > 0 everywhere (rows and columns the floor division leaves out get
-// no gradient anyway).
+// bfloat16; the mask's bits say r > 0 everywhere (rows and columns the floor division leaves
+// out get no gradient anyway).
 void PoolAndMask(const float* r, void* y, bool y_bf16, uint8_t* mask, int64_t n, int64_t oh,
                  int64_t ow, int64_t c) {
   const int64_t ph = oh / 2, pw = ow / 2;
@@ -377,11 +463,7 @@ void PoolAndMask(const float* r, void* y, bool y_bf16, uint8_t* mask, int64_t n,
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t i = 0; i < oh; ++i) {
       const float* row = r + (b * oh + i) * ow * c;
-      if (mask != nullptr) {
-        uint8_t* m = mask + (b * oh + i) * ow * c;
-#pragma omp simd
-        for (int64_t e = 0; e < ow * c; ++e) m[e] = row[e] > 0.f;
-      }
+      if (mask != nullptr) MaskRow(row, mask + (b * oh + i) * ow * c / 8, ow * c);
       if (i % 2 == 1 || i / 2 >= ph) continue;
       const float* next = row + ow * c;
       const int64_t at = (b * ph + i / 2) * pw * c;
@@ -398,15 +480,14 @@ void PoolAndMask(const float* r, void* y, bool y_bf16, uint8_t* mask, int64_t n,
   }
 }
 
-// dz[n, i, j, c] = dy[n, i/2, j/2, c] / 4 where mask, else 0; dy and dz each float32 or
-// (the flags) bfloat16.
+// dz[n, i, j, c] = dy[n, i/2, j/2, c] / 4 where the mask's bit is set, else 0; dy and dz
+// each float32 or (the flags) bfloat16.
 void Unpool(const void* dy, bool dy_bf16, const uint8_t* mask, void* dz, bool dz_bf16,
             int64_t n, int64_t oh, int64_t ow, int64_t c) {
   const int64_t ph = oh / 2, pw = ow / 2;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t i = 0; i < oh; ++i) {
-      const uint8_t* m = mask + (b * oh + i) * ow * c;
       const int64_t at = (b * oh + i) * ow * c;
       float* out = dz_bf16 ? RowScratch(ow * c, 0) : static_cast<float*>(dz) + at;
       if (i / 2 >= ph) {
@@ -419,24 +500,7 @@ void Unpool(const void* dy, bool dy_bf16, const uint8_t* mask, void* dz, bool dz
           FromBf16Row(static_cast<const uint16_t*>(dy) + g_at, gf, pw * c);
           g = gf;
         }
-        for (int64_t j = 0; j < ow; ++j) {
-          const int64_t e0 = j * c;
-          if (j / 2 >= pw) {
-            std::fill(out + e0, out + e0 + c, 0.f);
-            continue;
-          }
-          const float* gj = g + (j / 2) * c;
-#pragma omp simd
-          for (int64_t ch = 0; ch < c; ++ch) {
-            // A select by bit mask, not a branch: the mask is as random as the activations.
-            float v = 0.25f * gj[ch];
-            uint32_t u;
-            std::memcpy(&u, &v, 4);
-            u &= 0u - static_cast<uint32_t>(m[e0 + ch]);
-            std::memcpy(&v, &u, 4);
-            out[e0 + ch] = v;
-          }
-        }
+        UnpoolRow(g, mask + at / 8, out, ow, pw, c);
       }
       if (dz_bf16) ToBf16Row(out, static_cast<uint16_t*>(dz) + at, ow * c);
     }
@@ -493,7 +557,7 @@ void BlockForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> 
     PoolAndMask(r,
                 static_cast<char*>(y.untyped_data()) +
                     start * (oh / 2) * (ow / 2) * o * (y_bf16 ? 2 : 4),
-                y_bf16, mask != nullptr ? mask + start * oh * ow * o : nullptr, nb, oh, ow, o);
+                y_bf16, mask != nullptr ? mask + start * oh * ow * o / 8 : nullptr, nb, oh, ow, o);
   }
 }
 
@@ -544,7 +608,7 @@ void BlockWeightGrad(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::U8> m
     const bool dy_bf16 = IsBf16(dy.element_type());
     Unpool(static_cast<const char*>(dy.untyped_data()) +
                start * (oh / 2) * (ow / 2) * o * (dy_bf16 ? 2 : 4),
-           dy_bf16, mask.typed_data() + start * oh * ow * o, dz, bf16, nb, oh, ow, o);
+           dy_bf16, mask.typed_data() + start * oh * ow * o / 8, dz, bf16, nb, oh, ow, o);
     const bool first = start == 0;
     if (!first) {
       part_w.resize(wcount);
