@@ -186,7 +186,7 @@ def time_conv_layers(
             return c["fn"](x, w, *c["args"], **c["kw"])
 
         y = jax.eval_shape(conv, x, w)
-        dy = jnp.ones(y.shape, jnp.float32)
+        dy = jnp.ones(y.shape, y.dtype)  # bfloat16 where activations are
         # Multiply-adds x 2: every output element sums kh * kw * cin/groups products.
         flops = 2.0 * np.prod(y.shape) * np.prod(c["w"][:-1])
         passes = {
