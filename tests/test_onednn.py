@@ -298,6 +298,23 @@ def test_fused_conv_relu_pool_matches_the_separate_layers(x_shape, out_channels)
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
+def test_fused_block_leaves_output_channels_not_a_multiple_of_8_to_the_separate_layers():
+    # ReLU's mask packs 8 output channels to a byte: 12 channels fall back (None), and
+    # conv_act_pool then runs the separate layers, with the same result.
+    x = jax.random.normal(jax.random.key(14), (2, 8, 8, 3))
+    conv = nnx.Conv(3, 12, (3, 3), padding="SAME", rngs=nnx.Rngs(0))
+    assert onednn.conv_relu_pool(x, conv.kernel[...], conv.bias[...]) is None
+    from springfield.models.layers import Conv, conv_act_pool
+
+    layer = Conv(3, 12, (3, 3), padding="SAME", rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(
+        conv_act_pool(layer, jax.nn.relu, x),
+        _reference_block(x, layer.kernel[...], layer.bias[...]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 def test_fused_block_in_bfloat16_matches_the_separate_bfloat16_layers(monkeypatch):
     # Against float32, ReLU's mask flips wherever bfloat16 moves a sum across zero, so the
     # fair reference is the unfused bfloat16 path (the same products, and float32
