@@ -342,7 +342,8 @@ __attribute__((target("avx512f"))) void ToBf16Avx512(const float* in, uint16_t* 
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m512i u = _mm512_castps_si512(_mm512_loadu_ps(in + i));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(round, odd));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
                         _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
   }
@@ -432,6 +433,20 @@ __attribute__((target("avx512f"))) void UnpoolRowAvx512(const float* g, const ui
   }
 }
 
+// Each mask byte as 8 lanes of all-ones or zero bits, for the portable UnpoolRow: an AND
+// per element, which compilers vectorise (a select by bit, not a branch: the mask is as
+// random as the activations).
+const uint32_t* ByteLanes() {
+  static const std::vector<uint32_t> lanes = [] {
+    std::vector<uint32_t> t(256 * 8);
+    for (int b = 0; b < 256; ++b) {
+      for (int k = 0; k < 8; ++k) t[b * 8 + k] = (b >> k) & 1 ? 0xFFFFFFFFu : 0u;
+    }
+    return t;
+  }();
+  return lanes.data();
+}
+
 void UnpoolRow(const float* g, const uint8_t* m, float* out, int64_t ow, int64_t pw,
                int64_t c) {
   static const bool avx512 = Avx512();
@@ -439,6 +454,7 @@ void UnpoolRow(const float* g, const uint8_t* m, float* out, int64_t ow, int64_t
     UnpoolRowAvx512(g, m, out, ow, pw, c);
     return;
   }
+  const uint32_t* table = ByteLanes();
   for (int64_t j = 0; j < ow; ++j) {
     float* o = out + j * c;
     if (j / 2 >= pw) {
@@ -446,9 +462,15 @@ void UnpoolRow(const float* g, const uint8_t* m, float* out, int64_t ow, int64_t
       continue;
     }
     const float* gj = g + (j / 2) * c;
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const int64_t e = j * c + ch;
-      o[ch] = (m[e / 8] >> (e % 8)) & 1 ? 0.25f * gj[ch] : 0.f;
+    for (int64_t ch = 0; ch < c; ch += 8) {
+      const uint32_t* lanes = table + 8 * m[(j * c + ch) / 8];
+      for (int k = 0; k < 8; ++k) {
+        float v = 0.25f * gj[ch + k];
+        uint32_t u;
+        std::memcpy(&u, &v, 4);
+        u &= lanes[k];
+        std::memcpy(o + ch + k, &u, 4);
+      }
     }
   }
 }
@@ -529,8 +551,8 @@ bool Activation(ffi::DataType t) { return t == ffi::DataType::F32 || IsBf16(t); 
 
 // The pooled output `y` is float32 or bfloat16 (bfloat16 activations), whatever the inputs.
 void BlockForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b,
-                      ffi::AnyBuffer y, uint8_t* mask, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-                      int64_t pl, int64_t pr) {
+                      ffi::AnyBuffer y, uint8_t* mask, int64_t sh, int64_t sw, int64_t pt,
+                      int64_t pb, int64_t pl, int64_t pr) {
   const Key k = BlockKey(x.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr,
                          x.element_type());
   const int64_t n = k[0], h = k[1], wd = k[2], c = k[3], o = k[6], oh = k[7], ow = k[8];
@@ -554,10 +576,10 @@ void BlockForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> 
         {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_BIAS, bias},
          {DNNL_ARG_DST, dst}});
     const bool y_bf16 = IsBf16(y.element_type());
-    PoolAndMask(r,
-                static_cast<char*>(y.untyped_data()) +
-                    start * (oh / 2) * (ow / 2) * o * (y_bf16 ? 2 : 4),
-                y_bf16, mask != nullptr ? mask + start * oh * ow * o / 8 : nullptr, nb, oh, ow, o);
+    char* y_chunk = static_cast<char*>(y.untyped_data()) +
+                    start * (oh / 2) * (ow / 2) * o * (y_bf16 ? 2 : 4);
+    uint8_t* mask_chunk = mask != nullptr ? mask + start * oh * ow * o / 8 : nullptr;
+    PoolAndMask(r, y_chunk, y_bf16, mask_chunk, nb, oh, ow, o);
   }
 }
 
