@@ -280,7 +280,8 @@ std::shared_ptr<BlockPlan> MakeBlockPlan(const Key& k) {
   plan->src = memory::desc({n, c, h, w}, in, tag::nhwc);
   plan->wei_user = memory::desc({o, c, kh, kw}, in, tag::hwio);
   plan->dz = memory::desc({n, o, oh, ow}, in, tag::nhwc);
-  plan->conv_out = memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc);
+  // bf16 == 2: the forward convolution writes bfloat16 (see BlockForwardImpl).
+  plan->conv_out = memory::desc({n, o, oh, ow}, bf16 == 2 ? dt::bf16 : dt::f32, tag::nhwc);
   plan->bias = memory::desc({o}, dt::f32, tag::x);
   memory::desc wei_any({o, c, kh, kw}, in, tag::any);
   memory::desc diff_wei_any({o, c, kh, kw}, dt::f32, tag::any);
@@ -370,7 +371,7 @@ void FromBf16Row(const uint16_t* in, float* out, int64_t n) {
 // A per-thread float row for the passes that read or write bfloat16: they compute in
 // float32 there and convert the row at once.
 float* RowScratch(int64_t count, int which) {
-  static thread_local std::vector<float> rows[2];
+  static thread_local std::vector<float> rows[3];
   if (static_cast<int64_t>(rows[which].size()) < count) rows[which].resize(count);
   return rows[which].data();
 }
@@ -475,24 +476,33 @@ void UnpoolRow(const float* g, const uint8_t* m, float* out, int64_t ow, int64_t
   }
 }
 
-// y[n, i, j, c] = mean of r over the 2x2 window at (2i, 2j), in float32 or (y_bf16)
-// bfloat16; the mask's bits say r > 0 everywhere (rows and columns the floor division leaves
-// out get no gradient anyway).
-void PoolAndMask(const float* r, void* y, bool y_bf16, uint8_t* mask, int64_t n, int64_t oh,
-                 int64_t ow, int64_t c) {
-  const int64_t ph = oh / 2, pw = ow / 2;
+// y[n, i, j, c] = mean of r over the 2x2 window at (2i, 2j); r and y each float32 or (the
+// flags) bfloat16; the mask's bits say r > 0 everywhere (rows and columns the floor division
+// leaves out get no gradient anyway).
+void PoolAndMask(const void* r, bool r_bf16, void* y, bool y_bf16, uint8_t* mask, int64_t n,
+                 int64_t oh, int64_t ow, int64_t c) {
+  const int64_t ph = oh / 2, pw = ow / 2, pairs = (oh + 1) / 2;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < n; ++b) {
-    for (int64_t i = 0; i < oh; ++i) {
-      const float* row = r + (b * oh + i) * ow * c;
-      if (mask != nullptr) MaskRow(row, mask + (b * oh + i) * ow * c / 8, ow * c);
-      if (i % 2 == 1 || i / 2 >= ph) continue;
-      const float* next = row + ow * c;
-      const int64_t at = (b * ph + i / 2) * pw * c;
+    for (int64_t p = 0; p < pairs; ++p) {
+      const float* rows[2];
+      for (int64_t t = 0; t < 2 && 2 * p + t < oh; ++t) {
+        const int64_t at = (b * oh + 2 * p + t) * ow * c;
+        if (r_bf16) {
+          float* f = RowScratch(ow * c, 1 + t);
+          FromBf16Row(static_cast<const uint16_t*>(r) + at, f, ow * c);
+          rows[t] = f;
+        } else {
+          rows[t] = static_cast<const float*>(r) + at;
+        }
+        if (mask != nullptr) MaskRow(rows[t], mask + at / 8, ow * c);
+      }
+      if (p >= ph) continue;  // a last odd row: its mask only
+      const int64_t at = (b * ph + p) * pw * c;
       float* out = y_bf16 ? RowScratch(pw * c, 0) : static_cast<float*>(y) + at;
       for (int64_t j = 0; j < pw; ++j) {
-        const float* a = row + 2 * j * c;
-        const float* d = next + 2 * j * c;
+        const float* a = rows[0] + 2 * j * c;
+        const float* d = rows[1] + 2 * j * c;
 #pragma omp simd
         for (int64_t ch = 0; ch < c; ++ch)
           out[j * c + ch] = 0.25f * (a[ch] + a[c + ch] + d[ch] + d[c + ch]);
@@ -553,11 +563,14 @@ bool Activation(ffi::DataType t) { return t == ffi::DataType::F32 || IsBf16(t); 
 void BlockForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b,
                       ffi::AnyBuffer y, uint8_t* mask, int64_t sh, int64_t sw, int64_t pt,
                       int64_t pb, int64_t pl, int64_t pr) {
-  const Key k = BlockKey(x.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr,
-                         x.element_type());
+  Key k = BlockKey(x.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr, x.element_type());
   const int64_t n = k[0], h = k[1], wd = k[2], c = k[3], o = k[6], oh = k[7], ow = k[8];
   const int64_t in_bytes = k[15] ? 2 : 4;
-  const int64_t chunk = ChunkImages(n, oh * ow * o * 4);
+  // Bfloat16 inputs and output: the convolution writes its output in bfloat16 too (as
+  // autocast does), so twice the images fit a chunk and the pooling reads half the bytes.
+  const bool r_bf16 = k[15] && IsBf16(y.element_type());
+  if (r_bf16) k[15] = 2;
+  const int64_t chunk = ChunkImages(n, oh * ow * o * (r_bf16 ? 2 : 4));
   float* r = ConvOutScratch(static_cast<size_t>(chunk * oh * ow * o));
   auto* x_bytes = static_cast<char*>(x.untyped_data());
   std::shared_ptr<BlockPlan> last;
@@ -579,7 +592,7 @@ void BlockForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> 
     char* y_chunk = static_cast<char*>(y.untyped_data()) +
                     start * (oh / 2) * (ow / 2) * o * (y_bf16 ? 2 : 4);
     uint8_t* mask_chunk = mask != nullptr ? mask + start * oh * ow * o / 8 : nullptr;
-    PoolAndMask(r, y_chunk, y_bf16, mask_chunk, nb, oh, ow, o);
+    PoolAndMask(r, r_bf16, y_chunk, y_bf16, mask_chunk, nb, oh, ow, o);
   }
 }
 
