@@ -397,6 +397,13 @@ def test_fused_block_hands_bfloat16_activations_on(channels, input_grad):
         assert not np.asarray(dx, np.float32).any()
 
 
+def _first_results(hlo: str, target: str) -> list[str]:
+    # The first result type of each `target` custom call in StableHLO text, as in
+    # "... -> (tensor<2x16x16x32xbf16>, tensor<...xui8>)" or "... -> tensor<...xbf16>".
+    calls = [line for line in hlo.splitlines() if "custom_call" in line and target in line]
+    return [line.split("->")[-1].split(",")[0].strip(" ()") for line in calls]
+
+
 def test_bfloat16_refcnn_hands_bfloat16_between_its_fused_blocks():
     if not (onednn.available() and onednn.bf16_supported()):
         pytest.skip("bfloat16 activations need oneDNN on a CPU with bfloat16 instructions")
@@ -404,16 +411,12 @@ def test_bfloat16_refcnn_hands_bfloat16_between_its_fused_blocks():
     model = build_model("refcnn", 3, image_size=(32, 32), precision="bfloat16")
     loss = lambda m: jnp.sum(m(x, train=True) ** 2)  # noqa: E731
     hlo = nnx.jit(nnx.grad(loss)).lower(model).as_text()
-    calls = [line for line in hlo.splitlines() if "custom_call" in line]
-    blocks = [line for line in calls if "block_forward" in line]
-    # (StableHLO: "... -> (tensor<2x16x16x32xbf16>, tensor<...xui8>)": the pooled output.)
-    outputs = [line.split("->")[-1].split(",")[0] for line in blocks]
+    outputs = _first_results(hlo, "block_forward")  # the pooled outputs
     assert len(outputs) == 3 and all(o.endswith("xbf16>") for o in outputs), outputs
     assert model(x, train=True).dtype == jnp.float32  # the head's logits
     eval_hlo = nnx.jit(lambda m, x: m(x)).lower(model, x).as_text()
-    calls = [line for line in eval_hlo.splitlines() if "custom_call" in line]
-    infers = [line for line in calls if "block_infer" in line]
-    assert len(infers) == 3 and all(line.rstrip().endswith("xbf16>") for line in infers), infers
+    infers = _first_results(eval_hlo, "block_infer")
+    assert len(infers) == 3 and all(o.endswith("xbf16>") for o in infers), infers
 
 
 def test_fused_block_passes_without_avx512_give_the_same_results():
@@ -567,9 +570,7 @@ def test_bfloat16_resnet_hands_bfloat16_activations_to_batch_norm():
     model = build_model("resnet", 3, image_size=(16, 16), precision="bfloat16")
     loss = lambda m: jnp.sum(m(x, train=True) ** 2)  # noqa: E731
     hlo = nnx.jit(nnx.grad(loss)).lower(model).as_text()
-    norms = [line for line in hlo.splitlines() if "bn_forward" in line and "custom_call" in line]
-    # (StableHLO: "... -> (tensor<4x8x8x32xbf16>, ...": the normalised activations.)
-    outputs = [line.split("->")[-1].split(",")[0] for line in norms]
+    outputs = _first_results(hlo, "bn_forward")  # the normalised activations
     assert outputs and all(o.endswith("xbf16>") for o in outputs), outputs
     assert model(x, train=True).dtype == jnp.float32  # the head's logits
     # Evaluation normalises bfloat16 from the running statistics in oneDNN too, with the

@@ -206,9 +206,10 @@ def _out_shape(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[int, int, int, 
 
 
 def _inputs(geom: tuple, *arrays: jax.Array) -> list[jax.Array]:
-    # geom[2]: compute in bfloat16. The casts are elementwise, so XLA fuses them into
-    # whatever produced the array; the residuals kept for the backward pass halve too.
-    return [a.astype(jnp.bfloat16) if geom[2] else a for a in arrays]
+    # geom[2]: compute in bfloat16, else float32 (a bfloat16 activation reaching a float32-
+    # product call is widened). The casts are elementwise, so XLA fuses them into whatever
+    # produced the array; the residuals kept for the backward pass halve too.
+    return [a.astype(jnp.bfloat16 if geom[2] else np.float32) for a in arrays]
 
 
 def _conv_fwd(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
@@ -250,13 +251,8 @@ def _pooled(x: jax.Array, w: jax.Array, geom: tuple) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(_pooled_shape(x, w, geom), jnp.bfloat16 if geom[4] else np.float32)
 
 
-def _block_inputs(geom: tuple, x: jax.Array, w: jax.Array) -> list[jax.Array]:
-    # A float32-product block (the image's 3 channels) may get a bfloat16 input: widen it.
-    return _inputs(geom, x, w) if geom[2] else [x.astype(np.float32), w]
-
-
 def _block_fwd(x: jax.Array, w: jax.Array, b: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
-    x_in, w_in = _block_inputs(geom, x, w)
+    x_in, w_in = _inputs(geom, x, w)
     n, oh, ow, o = _out_shape(x, w, geom)
     # ReLU's mask: one bit per element of the convolution's output.
     out = (_pooled(x, w, geom), jax.ShapeDtypeStruct((n, oh, ow, o // 8), np.uint8))
@@ -267,7 +263,7 @@ def _block_fwd(x: jax.Array, w: jax.Array, b: jax.Array, geom: tuple) -> tuple[j
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _block(x: jax.Array, w: jax.Array, b: jax.Array, geom: tuple) -> jax.Array:
     # Not differentiated (evaluation): no mask to keep.
-    x_in, w_in = _block_inputs(geom, x, w)
+    x_in, w_in = _inputs(geom, x, w)
     return _call("block_infer", _pooled(x, w, geom), x_in, w_in, b, geom=geom)
 
 
@@ -283,7 +279,8 @@ def _block_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, ...]:
     out = (dz, _f32(w_in.shape), _f32(w_in.shape[-1:]))
     dz, dw, db = _call("block_backward", out, x_in, dy, mask, geom=geom)
     # A separate call, so that XLA drops it wherever the input's gradient goes unused.
-    dx_type = jnp.bfloat16 if geom[2] and geom[4] else np.float32
+    # (Bfloat16 activations imply bfloat16 products: conv_relu_pool.)
+    dx_type = jnp.bfloat16 if geom[4] else np.float32
     dx = _call("input_grad", jax.ShapeDtypeStruct(x_in.shape, dx_type), dz, w_in, geom=geom)
     return dx.astype(x_type.dtype), dw, db
 
@@ -490,7 +487,7 @@ def make_conv(
         bf16 = bfloat16 and rhs.shape[2] >= MIN_BF16_CHANNELS
         if not bf16:
             # Float32 products: oneDNN writes them in float32 only (the image's convolution).
-            y = _conv(lhs.astype(np.float32), rhs, (strides, _pads(padding), False, False))
+            y = _conv(lhs, rhs, (strides, _pads(padding), False, False))
             return y.astype(jnp.bfloat16) if activations else y
         return _conv(lhs, rhs, (strides, _pads(padding), True, activations))
 

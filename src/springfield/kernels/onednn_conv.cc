@@ -379,28 +379,9 @@ float* RowScratch(int64_t count, int which) {
 // ReLU's mask keeps one bit per element of the convolution's output (bit e % 8 of byte
 // e / 8 of the flat index e; `c` a multiple of 8): a byte each was the largest array the
 // block wrote and read back (67 MB at 128 px for the first block), and memory, not
-// arithmetic, bounds these passes.
-__attribute__((target("avx512f"))) void MaskRowAvx512(const float* row, uint8_t* m,
-                                                      int64_t n) {
-  int64_t e = 0;
-  for (; e + 16 <= n; e += 16) {
-    const uint16_t bits = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + e), _mm512_setzero_ps(),
-                                             _CMP_GT_OQ);
-    std::memcpy(m + e / 8, &bits, 2);
-  }
-  for (; e < n; e += 8) {
-    uint8_t bits = 0;
-    for (int k = 0; k < 8; ++k) bits |= static_cast<uint8_t>(row[e + k] > 0.f) << k;
-    m[e / 8] = bits;
-  }
-}
-
-void MaskRow(const float* row, uint8_t* m, int64_t n) {
-  static const bool avx512 = Avx512();
-  if (avx512) {
-    MaskRowAvx512(row, m, n);
-    return;
-  }
+// arithmetic, bounds these passes. Each pass below has a portable version for `n` (or `c`)
+// a multiple of 8 and an AVX-512 one that does 16 at a time and leaves the rest to it.
+void MaskBytes(const float* row, uint8_t* m, int64_t n) {
   for (int64_t e = 0; e < n; e += 8) {
     uint8_t bits = 0;
     for (int k = 0; k < 8; ++k) bits |= static_cast<uint8_t>(row[e + k] > 0.f) << k;
@@ -408,35 +389,24 @@ void MaskRow(const float* row, uint8_t* m, int64_t n) {
   }
 }
 
-// One row of the convolution output's gradient: out[j, ch] = g[j / 2, ch] / 4 where the
-// mask bit of element j * c + ch is set, else 0 (and 0 for a last odd column).
-__attribute__((target("avx512f"))) void UnpoolRowAvx512(const float* g, const uint8_t* m,
-                                                        float* out, int64_t ow, int64_t pw,
-                                                        int64_t c) {
-  const __m512 quarter = _mm512_set1_ps(0.25f);
-  for (int64_t j = 0; j < ow; ++j) {
-    float* o = out + j * c;
-    if (j / 2 >= pw) {
-      std::fill(o, o + c, 0.f);
-      continue;
-    }
-    const float* gj = g + (j / 2) * c;
-    int64_t ch = 0;
-    for (; ch + 16 <= c; ch += 16) {
-      uint16_t bits;
-      std::memcpy(&bits, m + (j * c + ch) / 8, 2);
-      _mm512_storeu_ps(o + ch, _mm512_maskz_mul_ps(bits, _mm512_loadu_ps(gj + ch), quarter));
-    }
-    for (; ch < c; ++ch) {
-      const int64_t e = j * c + ch;
-      o[ch] = (m[e / 8] >> (e % 8)) & 1 ? 0.25f * gj[ch] : 0.f;
-    }
+__attribute__((target("avx512f"))) void MaskBytesAvx512(const float* row, uint8_t* m,
+                                                        int64_t n) {
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16) {
+    const uint16_t bits = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + e), _mm512_setzero_ps(),
+                                             _CMP_GT_OQ);
+    std::memcpy(m + e / 8, &bits, 2);
   }
+  MaskBytes(row + e, m + e / 8, n - e);
 }
 
-// Each mask byte as 8 lanes of all-ones or zero bits, for the portable UnpoolRow: an AND
-// per element, which compilers vectorise (a select by bit, not a branch: the mask is as
-// random as the activations).
+void MaskRow(const float* row, uint8_t* m, int64_t n) {
+  static const bool avx512 = Avx512();
+  (avx512 ? MaskBytesAvx512 : MaskBytes)(row, m, n);
+}
+
+// Each mask byte as 8 lanes of all-ones or zero bits: an AND per element, which compilers
+// vectorise (a select by bit, not a branch: the mask is as random as the activations).
 const uint32_t* ByteLanes() {
   static const std::vector<uint32_t> lanes = [] {
     std::vector<uint32_t> t(256 * 8);
@@ -448,30 +418,44 @@ const uint32_t* ByteLanes() {
   return lanes.data();
 }
 
+// One output column's `c` channels: o[ch] = g[ch] / 4 where bit ch of `m` is set, else 0.
+void UnpoolLanes(const float* g, const uint8_t* m, float* o, int64_t c) {
+  const uint32_t* table = ByteLanes();
+  for (int64_t ch = 0; ch < c; ch += 8) {
+    const uint32_t* lanes = table + 8 * m[ch / 8];
+    for (int k = 0; k < 8; ++k) {
+      float v = 0.25f * g[ch + k];
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      u &= lanes[k];
+      std::memcpy(o + ch + k, &u, 4);
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) void UnpoolLanesAvx512(const float* g, const uint8_t* m,
+                                                          float* o, int64_t c) {
+  const __m512 quarter = _mm512_set1_ps(0.25f);
+  int64_t ch = 0;
+  for (; ch + 16 <= c; ch += 16) {
+    uint16_t bits;
+    std::memcpy(&bits, m + ch / 8, 2);
+    _mm512_storeu_ps(o + ch, _mm512_maskz_mul_ps(bits, _mm512_loadu_ps(g + ch), quarter));
+  }
+  UnpoolLanes(g + ch, m + ch / 8, o + ch, c - ch);
+}
+
+// One row of the convolution output's gradient: out[j, ch] = g[j / 2, ch] / 4 where the
+// mask bit of element j * c + ch is set, else 0 (and 0 for a last odd column).
 void UnpoolRow(const float* g, const uint8_t* m, float* out, int64_t ow, int64_t pw,
                int64_t c) {
   static const bool avx512 = Avx512();
-  if (avx512) {
-    UnpoolRowAvx512(g, m, out, ow, pw, c);
-    return;
-  }
-  const uint32_t* table = ByteLanes();
+  const auto lanes = avx512 ? UnpoolLanesAvx512 : UnpoolLanes;
   for (int64_t j = 0; j < ow; ++j) {
-    float* o = out + j * c;
     if (j / 2 >= pw) {
-      std::fill(o, o + c, 0.f);
-      continue;
-    }
-    const float* gj = g + (j / 2) * c;
-    for (int64_t ch = 0; ch < c; ch += 8) {
-      const uint32_t* lanes = table + 8 * m[(j * c + ch) / 8];
-      for (int k = 0; k < 8; ++k) {
-        float v = 0.25f * gj[ch + k];
-        uint32_t u;
-        std::memcpy(&u, &v, 4);
-        u &= lanes[k];
-        std::memcpy(o + ch + k, &u, 4);
-      }
+      std::fill(out + j * c, out + (j + 1) * c, 0.f);
+    } else {
+      lanes(g + (j / 2) * c, m + j * c / 8, out + j * c, c);
     }
   }
 }
