@@ -91,6 +91,9 @@ class TrainConfig:
     style: float = 0.0
     """Drawing-style changes: the chance (0-1) that a training image gets one of posterise, edge-preserving smoothing, dark outlines, a small hue turn (at most 20 degrees) or JPEG re-compression, in the input workers. For recognising drawings, fan art and web pictures as well as frames."""
 
+    mixstyle: float = 0.0
+    """MixStyle: the chance (0-1) per training batch that the resnet models blend each image's feature statistics (channel means and deviations after the first two stages) with another image's, so style (palette, contrast, texture) stops telling the classes apart. For drawings and pictures from other sources; 0 = off, 0.5 is the paper's."""
+
     balance: Literal["none", "sampler", "loss"] = "none"
     """Classes of different sizes: none; sampler (each epoch draws every class equally often, small classes repeating their images); loss (class-weighted cross-entropy, weight n / (classes x n_class) per class; the simpsons presets' choice, and no change when the classes are the same size)."""
 

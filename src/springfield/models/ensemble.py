@@ -31,11 +31,12 @@ class Ensemble(nnx.Module):
         self.num_classes = int(members[0].head.out_features)
 
     def __call__(
-        self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+        self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None, **kw
     ) -> jax.Array:
         # A Python loop, not nnx.vmap: on CPU the members' convolutions run one after another
-        # either way, and a loop keeps each member's BatchNorm state plain.
-        logits = [m(x, train=train, rngs=rngs) for m in self.members]
+        # either way, and a loop keeps each member's BatchNorm state plain. ``kw``: a member
+        # model's own options (the ResNets' ``mixstyle``).
+        logits = [m(x, train=train, rngs=rngs, **kw) for m in self.members]
         if train:
             return jnp.stack(logits)
         return jnp.mean(jnp.stack([jax.nn.log_softmax(z) for z in logits]), axis=0)

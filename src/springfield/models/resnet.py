@@ -14,6 +14,7 @@ from flax import nnx
 
 from springfield.models.activations import Activation
 from springfield.models.layers import Conv, activation_dtype, norm_impl
+from springfield.models.mixstyle import mix_style
 
 # Convolutions are springfield.models.layers.Conv: nnx.Conv with a weight gradient that does
 # not recompute BatchNorm/ReLU inside XLA's transpose (same maths, ~15% faster on CPU), or
@@ -107,18 +108,30 @@ class ResNet(nnx.Module):
                 blocks.append(BasicBlock(cin, cout, stride, act=act, rngs=rngs))
                 cin = cout
         self.blocks = nnx.List(blocks)
+        # MixStyle's places, as in its paper: after the first two stages.
+        self.mix_after = tuple(depth * (i + 1) - 1 for i in range(min(2, len(widths) - 1)))
         self.dropout = nnx.Dropout(dropout)
         self.head = nnx.Linear(cin, num_classes, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
+        mixstyle: float = 0.0,
     ) -> jax.Array:
+        """Logits for ``x``. ``mixstyle``: in training, the chance per batch of MixStyle
+        (:func:`~springfield.models.mixstyle.mix_style`) after each of the first two stages,
+        drawing from ``rngs.mixstyle``."""
         if self.pre_stem is not None:
             for conv, bn in zip(self.pre_stem, self.pre_stem_bn, strict=True):
                 x = self.norm(bn, conv(x), train=train, act=self.act)
         x = self.norm(self.stem_bn, self.stem(x), train=train, act=self.act)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block(x, train=train)
+            if train and mixstyle and i in self.mix_after:
+                x = mix_style(x, rngs.mixstyle(), mixstyle)
         x = jnp.mean(x, axis=(1, 2))
         x = self.dropout(x, deterministic=not train or rngs is None, rngs=rngs)
         return self.head(x)

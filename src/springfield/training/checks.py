@@ -30,9 +30,20 @@ def check_config(cfg: TrainConfig) -> None:
     for flag, alpha in (("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix)):
         if alpha < 0:
             raise SpringfieldError(f"{flag} {alpha}: must be 0 (off) or a positive alpha.")
-    for flag, chance in (("--erase", cfg.erase), ("--grayscale", cfg.grayscale)):
+    chances = (
+        ("--erase", cfg.erase),
+        ("--grayscale", cfg.grayscale),
+        ("--style", cfg.style),
+        ("--mixstyle", cfg.mixstyle),
+    )
+    for flag, chance in chances:
         if not 0 <= chance <= 1:
             raise SpringfieldError(f"{flag} {chance}: must be a chance between 0 and 1.")
+    if cfg.mixstyle and not cfg.model.startswith("resnet"):
+        raise SpringfieldError(
+            f"--mixstyle {cfg.mixstyle}: only the resnet models have it (--model "
+            f"{cfg.model}); use --model resnet or resnet4, or leave --mixstyle out."
+        )
     if cfg.early_stop < 0:
         raise SpringfieldError(
             f"--early-stop {cfg.early_stop}: must be 0 (off) or a number of epochs."

@@ -130,6 +130,7 @@ def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Pa
         class_weights=(
             loss_weights(data.train.labels, len(data.classes)) if cfg.balance == "loss" else None
         ),
+        mixstyle=cfg.mixstyle,
     )
     eval_step = make_eval_step(graphdef, tta=cfg.tta)
     key = jax.random.key(cfg.seed)

@@ -141,6 +141,7 @@ def lr_find(
         label_smoothing=cfg.label_smoothing,
         mixup_alpha=cfg.mixup,
         cutmix_alpha=cfg.cutmix,
+        mixstyle=cfg.mixstyle,
     )
     key = jax.random.key(cfg.seed)
     data_iter = train_iterator(

@@ -44,6 +44,7 @@ MUST_MATCH = (
     "erase",
     "grayscale",
     "style",
+    "mixstyle",
     "balance",
     "ema",
     "early_size",

@@ -115,6 +115,7 @@ def make_train_step(
     mixup_alpha: float = 0.0,
     cutmix_alpha: float = 0.0,
     class_weights: Any = None,
+    mixstyle: float = 0.0,
 ):
     """``train_step(state, batch, key) -> (state, metrics)``.
 
@@ -134,6 +135,9 @@ def make_train_step(
     true class's weight and the batch loss divided by the summed weights, as PyTorch's
     ``CrossEntropyLoss(weight=...)`` does. The reported ``loss_sum`` stays unweighted, so
     train loss reads the same with and without ``--balance loss``.
+
+    ``mixstyle > 0``: the model (a ResNet) mixes feature statistics between the batch's
+    images with this chance per batch (:mod:`springfield.models.mixstyle`).
     """
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
@@ -154,7 +158,12 @@ def make_train_step(
             x, targets = mixup(mix_key, x, targets, mixup_alpha)
         elif cutmix_alpha > 0:
             x, targets = cutmix(mix_key, x, targets, cutmix_alpha)
-        logits = model(x, train=True, rngs=nnx.Rngs(dropout=drop_key))
+        if mixstyle:
+            # Its own stream, so runs without it keep their random numbers.
+            rngs = nnx.Rngs(dropout=drop_key, mixstyle=jax.random.fold_in(drop_key, 1))
+            logits = model(x, train=True, rngs=rngs, mixstyle=mixstyle)
+        else:
+            logits = model(x, train=True, rngs=nnx.Rngs(dropout=drop_key))
         mask = batch["mask"]
         losses = optax.softmax_cross_entropy(logits, targets)
         if logits.ndim == 3:
