@@ -185,6 +185,18 @@ def test_user_errors_are_one_clear_line(tiny_folder, trained_run, tmp_path, caps
             "0",
         ): "--batch-size 1000: larger than",
         ("train", "--preset", "fast", "--data", data): "--preset 'fast': unknown",
+        (
+            "train",
+            "--data",
+            data,
+            "--model",
+            "refcnn",
+            "--mixstyle",
+            "0.5",
+            "--workdir",
+            w,
+        ): "--mixstyle 0.5: only the resnet models have it",
+        ("train", "--data", data, "--style", "2", "--workdir", w): "--style 2.0: must be a chance",
         ("eval", str(tmp_path)): "not a springfield run folder",
         ("predict", str(trained_run), str(tmp_path / "missing.jpg")): "no such file",
     }

@@ -173,6 +173,9 @@ PRESETS: dict[str, dict] = {
     # 1.45x less wall time at the same accuracy over 3 seeds. Class-weighted loss: on the six
     # classes (Maggie has 130 images, the others 450) the same accuracy and Maggie's recall
     # 93.6% against 87.3% over seeds 0-2; with classes of equal size it changes nothing.
+    # MixStyle 0.5: higher on the drawn set in all six runs of seeds 0-2 on the four and the
+    # six classes (80.1% against 78.2%, 68.0% against 63.2%) at the same accuracy on frames
+    # (99 errors of 2,509 against 104).
     "simpsons": dict(
         model="resnet4",
         image_size=(96, 96),
@@ -189,6 +192,7 @@ PRESETS: dict[str, dict] = {
         tta=True,
         precision="bfloat16",
         balance="loss",
+        mixstyle=0.5,
     ),
     # The tutorial's recipe: its network at 160x120, SGD with momentum 0.9, lr 0.01, weight
     # decay 5e-4 as L2 on all parameters, 50 epochs, no augmentation, no schedule.

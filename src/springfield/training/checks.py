@@ -42,7 +42,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.mixstyle and not cfg.model.startswith("resnet"):
         raise SpringfieldError(
             f"--mixstyle {cfg.mixstyle}: only the resnet models have it (--model "
-            f"{cfg.model}); use --model resnet or resnet4, or leave --mixstyle out."
+            f"{cfg.model}; the simpsons presets set 0.5); use --model resnet or resnet4, "
+            "or add --mixstyle 0."
         )
     if cfg.early_stop < 0:
         raise SpringfieldError(
