@@ -107,18 +107,20 @@ def worker_devices(data: str, workdir: str, out: str) -> None:
     )
     tx = _grad_probe()
     graphdef, state = init_state(build_model("resnet", 4, image_size=SIZE), tx)
-    step = make_train_step(graphdef, tx)
+    # Plain, and with MixStyle in every batch (its partners are drawn over the global batch).
+    steps = {"": make_train_step(graphdef, tx), "ms": make_train_step(graphdef, tx, mixstyle=1.0)}
     key = jax.random.key(0)
     result: dict[str, np.ndarray] = {"status": np.int32(status)}
     for name, mesh in (("one", Mesh(jax.devices()[:1], ("data",))), ("four", parallel.make_mesh())):
         sharded = parallel.shard_batch(batch, mesh)
-        new, metrics = step(parallel.replicate(state, mesh), sharded, key)
         result[f"{name}_devices"] = np.int32(len(sharded["image"].sharding.device_set))
-        result[f"{name}_loss"] = np.asarray(metrics["loss_sum"])
-        for i, g in enumerate(jax.tree.leaves(new.opt_state)):
-            result[f"{name}_grad{i}"] = np.asarray(g)
-        for i, r in enumerate(jax.tree.leaves(new.rest)):
-            result[f"{name}_rest{i}"] = np.asarray(r)
+        for tag, step in steps.items():
+            new, metrics = step(parallel.replicate(state, mesh), sharded, key)
+            result[f"{name}_{tag}loss"] = np.asarray(metrics["loss_sum"])
+            for i, g in enumerate(jax.tree.leaves(new.opt_state)):
+                result[f"{name}_{tag}grad{i}"] = np.asarray(g)
+            for i, r in enumerate(jax.tree.leaves(new.rest)):
+                result[f"{name}_{tag}rest{i}"] = np.asarray(r)
     np.savez(out, **result)
 
 
@@ -230,7 +232,9 @@ def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
     return [(p.returncode, p.logs[0].read_text(), p.logs[1].read_text()) for p in procs]
 
 
-def test_four_devices_give_the_one_device_loss_and_gradients(tiny_folder, tmp_path, spawn):
+def test_four_devices_give_the_one_device_loss_and_gradients_with_and_without_mixstyle(
+    tiny_folder, tmp_path, spawn
+):
     out = tmp_path / "devices.npz"
     [(status, _, err)] = _finish(
         [spawn(_worker("devices", str(tiny_folder), str(tmp_path / "w"), str(out)))]
@@ -243,9 +247,11 @@ def test_four_devices_give_the_one_device_loss_and_gradients(tiny_folder, tmp_pa
     assert "--batch-size 10" in message and "multiple of 4" in message and "8 or 12" in message
     assert int(r["one_devices"]) == 1 and int(r["four_devices"]) == 4
     np.testing.assert_allclose(r["four_loss"], r["one_loss"], rtol=1e-5)
-    grads = sorted(k for k in r.files if k.startswith("one_grad"))
-    rests = sorted(k for k in r.files if k.startswith("one_rest"))
-    assert len(grads) > 10 and len(rests) > 10
+    np.testing.assert_allclose(r["four_msloss"], r["one_msloss"], rtol=1e-5)
+    assert abs(float(r["one_msloss"]) - float(r["one_loss"])) > 1e-4
+    grads = sorted(k for k in r.files if k.startswith(("one_grad", "one_msgrad")))
+    rests = sorted(k for k in r.files if k.startswith(("one_rest", "one_msrest")))
+    assert len(grads) > 20 and len(rests) > 20
     for k in grads + rests:
         # Gradients and BatchNorm statistics over the global batch, not per device.
         np.testing.assert_allclose(r["four" + k[3:]], r[k], rtol=1e-4, atol=1e-5, err_msg=k)

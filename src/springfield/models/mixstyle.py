@@ -31,7 +31,13 @@ def mix_style(x: jax.Array, key: jax.Array, chance: float, alpha: float = ALPHA)
     sig = jax.lax.stop_gradient(jnp.sqrt(jnp.var(xf, axis=(1, 2), keepdims=True) + EPS))
     lam = jax.random.beta(k_lam, alpha, alpha, (x.shape[0], 1, 1, 1))
     perm = jax.random.permutation(k_perm, x.shape[0])
-    mu_mix = lam * mu + (1 - lam) * mu[perm]
-    sig_mix = lam * sig + (1 - lam) * sig[perm]
+    # With the batch sharded over devices the gather must be told its output's sharding:
+    # that of the statistics themselves (the partner's statistics travel, the images do not).
+    mu_mix = lam * mu + (1 - lam) * _take(mu, perm)
+    sig_mix = lam * sig + (1 - lam) * _take(sig, perm)
     mixed = ((xf - mu) / sig * sig_mix + mu_mix).astype(x.dtype)
     return jnp.where(jax.random.bernoulli(k_coin, chance), mixed, x)
+
+
+def _take(a: jax.Array, rows: jax.Array) -> jax.Array:
+    return a.at[rows].get(out_sharding=jax.typeof(a).sharding)
