@@ -552,7 +552,8 @@ void BlockForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> 
   const int64_t in_bytes = k[15] ? 2 : 4;
   // Bfloat16 inputs and output: the convolution writes its output in bfloat16 too (as
   // autocast does), so twice the images fit a chunk and the pooling reads half the bytes.
-  const bool r_bf16 = k[15] && IsBf16(y.element_type());
+  const bool y_bf16 = IsBf16(y.element_type());
+  const bool r_bf16 = k[15] && y_bf16;
   if (r_bf16) k[15] = 2;
   const int64_t chunk = ChunkImages(n, oh * ow * o * (r_bf16 ? 2 : 4));
   float* r = ConvOutScratch(static_cast<size_t>(chunk * oh * ow * o));
@@ -572,7 +573,6 @@ void BlockForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> 
     Run(p->fwd, p->fwd_pd.scratchpad_desc(),
         {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_BIAS, bias},
          {DNNL_ARG_DST, dst}});
-    const bool y_bf16 = IsBf16(y.element_type());
     char* y_chunk = static_cast<char*>(y.untyped_data()) +
                     start * (oh / 2) * (ow / 2) * o * (y_bf16 ? 2 : 4);
     uint8_t* mask_chunk = mask != nullptr ? mask + start * oh * ow * o / 8 : nullptr;

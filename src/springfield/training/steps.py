@@ -158,12 +158,11 @@ def make_train_step(
             x, targets = mixup(mix_key, x, targets, mixup_alpha)
         elif cutmix_alpha > 0:
             x, targets = cutmix(mix_key, x, targets, cutmix_alpha)
-        if mixstyle:
-            # Its own stream, so runs without it keep their random numbers.
-            rngs = nnx.Rngs(dropout=drop_key, mixstyle=jax.random.fold_in(drop_key, 1))
-            logits = model(x, train=True, rngs=rngs, mixstyle=mixstyle)
-        else:
-            logits = model(x, train=True, rngs=nnx.Rngs(dropout=drop_key))
+        # MixStyle draws from a stream of its own, so dropout's numbers stay as they were;
+        # only the ResNets take the option, so others are called without it.
+        rngs = nnx.Rngs(dropout=drop_key, mixstyle=jax.random.fold_in(drop_key, 1))
+        extra = {"mixstyle": mixstyle} if mixstyle else {}
+        logits = model(x, train=True, rngs=rngs, **extra)
         mask = batch["mask"]
         losses = optax.softmax_cross_entropy(logits, targets)
         if logits.ndim == 3:
