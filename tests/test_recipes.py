@@ -212,7 +212,8 @@ def test_training_with_mixup_and_tta_and_the_simpsons_preset(tiny_folder, tmp_pa
 
     cfg = preset_config("simpsons")
     assert cfg.model == "resnet4" and cfg.augment == "light" and cfg.label_smoothing == 0.1
-    assert cfg.mixstyle == 0.5  # so this run trains through MixStyle too
+    assert cfg.mixstyle == 0.5 and cfg.style == 0.25  # so this run trains through both
+    assert preset_config("simpsons-quick").style == 0.0  # it cost the six classes' frames
     workdir = tmp_path / "run"
     assert (
         main(

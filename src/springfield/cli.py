@@ -230,9 +230,9 @@ class CompareArgs(TrainConfig):
 _PRESETS_HELP = (
     " Presets: --preset seed is the original tutorial's recipe (seed CNN at 160x120, SGD "
     "momentum 0.9, lr 0.01, L2 5e-4, 50 epochs); --preset simpsons is the recommended recipe "
-    "for real frames (docs/results.md); --preset simpsons-quick is the same recipe in 72 "
-    "epochs, about 10 minutes on 2 cores for all six classes. Other flags still override a "
-    "preset."
+    "for real frames and drawings of the characters (docs/results.md); --preset "
+    "simpsons-quick is the same recipe in 72 epochs without --style, about 10 minutes on 2 "
+    "cores for all six classes. Other flags still override a preset."
 )
 
 
