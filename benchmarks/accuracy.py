@@ -4,10 +4,11 @@
         --classes bart_simpson homer_simpson lisa_simpson marge_simpson
 
 Every run uses the scene-aware validation split (--split-by-group), so the accuracy is an
-honest estimate on scenes the model has not seen. When the classes are exactly the built-in
+honest estimate on scenes the model has not seen. When the classes include the built-in
 set's four (bart, homer, lisa, marge), the "drawn acc" column is the trained model's accuracy
-on springfield's 1,000 procedurally drawn cartoon portraits: a proxy for differently drawn
-images of the same characters (not real clip-art). Extra springfield flags go after ``--``
+on springfield's 1,000 procedurally drawn cartoon portraits (a six-class model may answer
+Maggie or Grampa, and is wrong then): a proxy for differently drawn images of the same
+characters (not real clip-art). Extra springfield flags go after ``--``
 (e.g. ``-- --epochs 10 --image-size 96 96``) and apply to every recipe.
 """
 
