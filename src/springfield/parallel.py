@@ -168,6 +168,12 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     }
 
 
+def take_rows(a: jax.Array, rows: jax.Array) -> jax.Array:
+    """``a[rows]``, sharded as ``a`` is: with the batch sharded over a mesh a gather must be
+    told its output's sharding (jax raises a ShardingTypeError otherwise)."""
+    return a.at[rows].get(out_sharding=jax.typeof(a).sharding)
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The full value of a (possibly multi-process) global array on this host."""
     if jax.process_count() == 1:

@@ -31,6 +31,8 @@ class ModelSpec:
     any_size: bool = False
     """Global pooling before the head: the same weights take any input size (so
     ``--early-size`` can train it on smaller images first)."""
+    mixstyle: bool = False
+    """Takes ``mixstyle=P`` in training calls (``--mixstyle``)."""
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -40,6 +42,7 @@ MODELS: dict[str, ModelSpec] = {
         ResNet.min_size,
         "small residual CNN with BatchNorm and global pooling (default)",
         any_size=True,
+        mixstyle=True,
     ),
     "resnet-wide": ModelSpec(
         lambda n, size, act, rngs: ResNet(n, act=act, rngs=rngs, widths=(48, 96, 192), depth=2),
@@ -47,6 +50,7 @@ MODELS: dict[str, ModelSpec] = {
         ResNet.min_size,
         "wider, deeper residual CNN for real photos",
         any_size=True,
+        mixstyle=True,
     ),
     "resnet4": ModelSpec(
         lambda n, size, act, rngs: ResNet(n, act=act, rngs=rngs, widths=(32, 64, 128, 256)),
@@ -55,6 +59,7 @@ MODELS: dict[str, ModelSpec] = {
         "resnet with a fourth stage (256 channels at 1/16 of the input): a 95 px receptive "
         "field instead of 47, for 1.25x the cost",
         any_size=True,
+        mixstyle=True,
     ),
     "resnet-hires": ModelSpec(
         lambda n, size, act, rngs: ResNet(n, act=act, rngs=rngs, stem_convs=2),
@@ -62,6 +67,7 @@ MODELS: dict[str, ModelSpec] = {
         ResNet.min_size * 2,
         "resnet with a two-convolution stride-4 stem: 2x the input size at about its cost",
         any_size=True,
+        mixstyle=True,
     ),
     "seed": ModelSpec(
         lambda n, size, act, rngs: SeedCNN(n, image_size=size, act=act, rngs=rngs),

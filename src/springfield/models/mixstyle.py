@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from springfield.parallel import take_rows
+
 # The paper's settings: Beta(0.1, 0.1) puts most blends near one image or the other, and the
 # statistics are treated as constants in the backward pass.
 ALPHA = 0.1
@@ -31,13 +33,8 @@ def mix_style(x: jax.Array, key: jax.Array, chance: float, alpha: float = ALPHA)
     sig = jax.lax.stop_gradient(jnp.sqrt(jnp.var(xf, axis=(1, 2), keepdims=True) + EPS))
     lam = jax.random.beta(k_lam, alpha, alpha, (x.shape[0], 1, 1, 1))
     perm = jax.random.permutation(k_perm, x.shape[0])
-    # With the batch sharded over devices the gather must be told its output's sharding:
-    # that of the statistics themselves (the partner's statistics travel, the images do not).
-    mu_mix = lam * mu + (1 - lam) * _take(mu, perm)
-    sig_mix = lam * sig + (1 - lam) * _take(sig, perm)
+    # The partner's statistics travel between devices, not its images.
+    mu_mix = lam * mu + (1 - lam) * take_rows(mu, perm)
+    sig_mix = lam * sig + (1 - lam) * take_rows(sig, perm)
     mixed = ((xf - mu) / sig * sig_mix + mu_mix).astype(x.dtype)
     return jnp.where(jax.random.bernoulli(k_coin, chance), mixed, x)
-
-
-def _take(a: jax.Array, rows: jax.Array) -> jax.Array:
-    return a.at[rows].get(out_sharding=jax.typeof(a).sharding)

@@ -39,7 +39,8 @@ def check_config(cfg: TrainConfig) -> None:
     for flag, chance in chances:
         if not 0 <= chance <= 1:
             raise SpringfieldError(f"{flag} {chance}: must be a chance between 0 and 1.")
-    if cfg.mixstyle and not cfg.model.startswith("resnet"):
+    spec = MODELS.get(cfg.model)
+    if cfg.mixstyle and spec is not None and not spec.mixstyle:
         raise SpringfieldError(
             f"--mixstyle {cfg.mixstyle}: only the resnet models have it (--model "
             f"{cfg.model}; the simpsons presets set 0.5); use --model resnet or resnet4, "

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from springfield.parallel import take_rows
 from springfield.runtime import QUICK_COMPILE, eval_compiler_options
 from springfield.training.optim import averaged_params
 
@@ -68,12 +69,7 @@ def _losses(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array
 def _partners(key: jax.Array, x: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each example's partner for mixing: the batch (images and targets) in a random order."""
     perm = jax.random.permutation(key, x.shape[0])
-    # With the batch sharded over a mesh, a gather must say how its result is sharded: the
-    # same way as its input.
-    return (
-        x.at[perm].get(out_sharding=jax.typeof(x).sharding),
-        targets.at[perm].get(out_sharding=jax.typeof(targets).sharding),
-    )
+    return take_rows(x, perm), take_rows(targets, perm)
 
 
 def mixup(
