@@ -252,16 +252,20 @@ class SpringfieldRunner(Runner):
 
         from springfield import parallel
         from springfield.models import build_model, count_params
+        from springfield.training.fused_adam import make_fused_update
         from springfield.training.optim import make_optimizer
         from springfield.training.steps import init_state, make_eval_step, make_train_step
 
         model = build_model(cfg.net, cfg.classes, image_size=cfg.size, precision=precision)
         self.params = count_params(model)
-        tx = make_optimizer("adam", optax.constant_schedule(LR))
+        schedule = optax.constant_schedule(LR)
+        tx = make_optimizer("adam", schedule)
         graphdef, state = init_state(model, tx)
         self.mesh = parallel.make_mesh()
         self.state = parallel.replicate(state, self.mesh)
-        self.step = make_train_step(graphdef, tx)
+        # As the training loop does: Adam as one in-place pass where the kernel runs.
+        fused = make_fused_update("adam", schedule, weight_decay=0.0)
+        self.step = make_train_step(graphdef, tx, fused_update=fused)
         self.eval_step = make_eval_step(graphdef)
         self.batch = {"image": images, "label": labels, "mask": np.ones(len(labels), np.float32)}
         self.key = jax.random.key(0)

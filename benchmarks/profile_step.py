@@ -20,12 +20,14 @@ convolution path: plain ``lax.conv_general_dilated`` (``SPRINGFIELD_CONV=lax``),
 springfield's layer (``SPRINGFIELD_ONEDNN=0``), oneDNN, and oneDNN with bfloat16 products;
 ``--compare-norm`` the same with BatchNorm in XLA (``SPRINGFIELD_FUSE_BN=0``) and in
 oneDNN, in float32 and with bfloat16 products, with float32 activations between the layers
-(``SPRINGFIELD_BF16_ACTIVATIONS=0``, the bfloat16 path before 2026-12-06) and bfloat16 ones.
+(``SPRINGFIELD_BF16_ACTIVATIONS=0``, the bfloat16 path before 2026-12-06) and bfloat16 ones;
+``--compare-adam`` with optax's Adam (``SPRINGFIELD_FUSED_ADAM=0``) and the fused kernel.
 
     python benchmarks/profile_step.py --model resnet --batch 64 --top 15
     python benchmarks/profile_step.py --model resnet --batch 64 --compare-conv
     python benchmarks/profile_step.py --model resnet4 --image-size 96 96 --compare-norm
     python benchmarks/profile_step.py --model resnet --batch 64 --top 0 --step-times 40
+    python benchmarks/profile_step.py --model refcnn --image-size 64 64 --compare-adam
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ def build(
     import optax
 
     from springfield.models import build_model
+    from springfield.training.fused_adam import make_fused_update
     from springfield.training.optim import make_optimizer
     from springfield.training.steps import init_state, make_eval_step, make_train_step
 
     model = build_model(model_name, 4, image_size=size, precision=precision)
-    tx = make_optimizer("adam", optax.constant_schedule(1e-3))
+    schedule = optax.constant_schedule(1e-3)
+    tx = make_optimizer("adam", schedule)
     graphdef, state = init_state(model, tx)
     rng = np.random.default_rng(0)
     data = {
@@ -62,7 +66,10 @@ def build(
         "mask": jnp.ones(batch, jnp.float32),
     }
     if mode == "train":
-        step = make_train_step(graphdef, tx)
+        # The update the training loop uses: Adam in one pass where the kernel runs
+        # (SPRINGFIELD_FUSED_ADAM=0: optax's).
+        fused = make_fused_update("adam", schedule, weight_decay=0.0)
+        step = make_train_step(graphdef, tx, fused_update=fused)
         args = [state, data, jax.random.key(0)]
 
         def run(args):
@@ -215,6 +222,7 @@ def time_conv_layers(
 # Read when a model is built: each compared path builds its own.
 PATH_VARS = (
     "SPRINGFIELD_CONV", "SPRINGFIELD_ONEDNN", "SPRINGFIELD_FUSE_BN", "SPRINGFIELD_BF16_ACTIVATIONS",
+    "SPRINGFIELD_FUSED_ADAM",
 )  # fmt: skip
 
 
@@ -252,6 +260,11 @@ def main() -> None:
         "--compare-norm",
         action="store_true",
         help="time BatchNorm in XLA vs oneDNN, float32 and bfloat16 (products, activations)",
+    )
+    p.add_argument(
+        "--compare-adam",
+        action="store_true",
+        help="time optax's Adam vs the fused one-pass kernel, float32 and bfloat16",
     )
     p.add_argument("--conv-layers", action="store_true", help="time each convolution alone")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare-*")
@@ -295,6 +308,15 @@ def main() -> None:
                 {"SPRINGFIELD_FUSE_BN": "0", **f32_acts}, "bfloat16"),
             "oneDNN BatchNorm, bf16 products, f32 activations": (f32_acts, "bfloat16"),
             "oneDNN BatchNorm, bf16 products and activations": ({}, "bfloat16"),
+        })  # fmt: skip
+        return
+    if args.compare_adam:
+        optax_adam = {"SPRINGFIELD_FUSED_ADAM": "0"}
+        compare(args, size, label, "Adam", {
+            "optax Adam, float32": (optax_adam, "float32"),
+            "fused Adam, float32": ({}, "float32"),
+            "optax Adam, bfloat16": (optax_adam, "bfloat16"),
+            "fused Adam, bfloat16": ({}, "bfloat16"),
         })  # fmt: skip
         return
     step, step_args, run = build(args.model, size, args.batch, args.mode, args.precision)

@@ -115,7 +115,10 @@ def worker_devices(data: str, workdir: str, out: str) -> None:
         sharded = parallel.shard_batch(batch, mesh)
         result[f"{name}_devices"] = np.int32(len(sharded["image"].sharding.device_set))
         for tag, step in steps.items():
-            new, metrics = step(parallel.replicate(state, mesh), sharded, key)
+            # The step donates its state; on one device, replicate may hand back the same
+            # buffers, so each step gets a copy.
+            fresh = jax.tree.map(lambda x: x.copy(), state)
+            new, metrics = step(parallel.replicate(fresh, mesh), sharded, key)
             result[f"{name}_{tag}loss"] = np.asarray(metrics["loss_sum"])
             for i, g in enumerate(jax.tree.leaves(new.opt_state)):
                 result[f"{name}_{tag}grad{i}"] = np.asarray(g)

@@ -54,6 +54,10 @@ def test_mixstyle_treats_the_statistics_as_constants_and_keeps_bfloat16():
     assert mix_style(x.astype(jnp.bfloat16), jax.random.key(1), 1.0).dtype == jnp.bfloat16
 
 
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
 def test_resnet_mixes_styles_in_the_train_step_only():
     tx = optax.sgd(0.1)
     model = build_model("resnet", 3, image_size=(32, 32))
@@ -65,8 +69,9 @@ def test_resnet_mixes_styles_in_the_train_step_only():
     }
     graphdef, state = init_state(model, tx)
     key = jax.random.key(0)
+    # The step donates (consumes) its state: each call gets a copy.
     losses = {
-        p: float(make_train_step(graphdef, tx, mixstyle=p)(state, batch, key)[1]["loss_sum"])
+        p: float(make_train_step(graphdef, tx, mixstyle=p)(_copy(state), batch, key)[1]["loss_sum"])
         for p in (0.0, 1.0)
     }
     assert np.isfinite(losses[1.0]) and abs(losses[1.0] - losses[0.0]) > 1e-4, losses

@@ -127,11 +127,13 @@ def test_ensemble_members_learn_from_their_own_losses_and_predict_together():
     batch = {"image": images, "label": np.array([0, 1, 2, 1], np.int32)}
     batch["mask"] = np.ones(4, np.float32)
     graphdef, state = init_state(model, tx)
-    new, metrics = make_train_step(graphdef, tx)(state, batch, jax.random.key(0))
+    # The step donates (consumes) its state: it gets a copy, the original is compared below.
+    step_input = jax.tree.map(jnp.copy, state)
+    new, metrics = make_train_step(graphdef, tx)(step_input, batch, jax.random.key(0))
     merged = nnx.merge(graphdef, new.params, new.rest)
     for i, member in enumerate(nnx.merge(graphdef, state.params, state.rest).members):
         g, s = init_state(member, tx)
-        alone, _ = make_train_step(g, tx)(s, batch, jax.random.key(0))
+        alone, _ = make_train_step(g, tx)(jax.tree.map(jnp.copy, s), batch, jax.random.key(0))
         got = jax.tree.leaves(nnx.state(merged.members[i], nnx.Param))
         # The ensemble's loss is the members' mean, so its gradients are half of each one's.
         want = [

@@ -14,7 +14,10 @@ anything else.
 ``seed``) as one call each way, so that XLA makes no passes of its own over the convolution's
 full-size output.
 
-The C++ file is compiled on first use with the system's ``g++`` against the oneDNN wheel
+:func:`adam_update` runs a whole Adam/AdamW step of every parameter in one pass
+(``adam.cc``, used by :mod:`springfield.training.fused_adam`).
+
+The C++ files are compiled on first use with the system's ``g++`` against the oneDNN wheel
 (``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``) and jaxlib's FFI headers, into
 ``kernels/`` of springfield's cache folder (:func:`springfield.paths.cache_root`), one file per
 source/jaxlib/oneDNN version; later processes load it in milliseconds. Where any of that is
@@ -45,6 +48,8 @@ from springfield import runtime
 from springfield.paths import cache_root
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
+# Compiled into the same library: the fused Adam update (springfield.training.fused_adam).
+SOURCES = (SOURCE, Path(__file__).with_name("adam.cc"))
 _TARGETS = {
     "forward": "SpringfieldConvForward",
     "input_grad": "SpringfieldConvBackwardData",
@@ -56,6 +61,7 @@ _TARGETS = {
     "bn_forward": "SpringfieldBnForward",
     "bn_backward": "SpringfieldBnBackward",
     "bn_infer": "SpringfieldBnInfer",
+    "adam": "SpringfieldAdam",
 }
 _NAME = "springfield_onednn_conv_"
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -100,7 +106,7 @@ def _build(out: Path) -> None:
     cmd = [
         os.environ.get("CXX", "g++"), "-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
         "-w",
-        f"-I{ffi_include}", f"-I{include}", str(SOURCE), str(lib),
+        f"-I{ffi_include}", f"-I{include}", *map(str, SOURCES), str(lib),
         f"-Wl,-rpath,{lib.parent}", "-o", str(tmp_path),
     ]  # fmt: skip
     try:
@@ -110,12 +116,13 @@ def _build(out: Path) -> None:
         raise RuntimeError(f"could not run the C++ compiler ({cmd[0]}): {e}") from e
     if done.returncode != 0:
         tmp_path.unlink(missing_ok=True)
-        raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-400:]}")
+        names = " and ".join(f.name for f in SOURCES)
+        raise RuntimeError(f"compiling {names} failed: {done.stderr.strip()[-400:]}")
     os.replace(tmp_path, out)
 
 
 def _library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES))
     for dist in ("jaxlib", "onednn-cpu-gomp"):
         try:
             key.update(f"{dist}={version(dist)}".encode())
@@ -143,6 +150,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.springfield_conv_impl.restype = ctypes.c_char_p
     lib.springfield_bn_workspace_bytes.restype = ctypes.c_int64
     lib.springfield_bn_workspace_bytes.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_float]
+    lib.springfield_adam_isa.restype = ctypes.c_int
     return lib, f"oneDNN ({path.name})"
 
 
@@ -435,6 +443,53 @@ def _dims_are_nhwc(dimension_numbers: Any, ndim: int) -> bool:
 
 def _trivial(v: Any) -> bool:
     return v is None or all(d == 1 for d in v)
+
+
+_ADAM_DECAY = {"none": 0, "l2": 1, "decoupled": 2}
+
+
+def adam_available() -> bool:
+    """Whether the fused Adam kernel (``adam.cc``) can run here: one CPU device (a custom call
+    cannot be split across devices), the library loads, and the CPU has AVX2 and FMA (XLA
+    contracts optax's expressions into fused multiply-adds there, which the kernel
+    reproduces). Independent of ``SPRINGFIELD_ONEDNN``, which picks the convolutions."""
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    lib, _ = _load()
+    return lib is not None and lib.springfield_adam_isa() > 0
+
+
+def adam_update(
+    hyper: jax.Array,
+    leaves: list[tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
+    *,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    decay: str,
+) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    """One Adam step for every ``(gradient, m, v, parameter)`` of ``leaves`` (float32) in one
+    call: the new ``(m, v, parameter)`` of each, written over the old ones' buffers.
+    ``hyper`` is ``[-learning rate, 1 - b1^t, 1 - b2^t]`` (float32); ``decay`` says where
+    ``weight_decay`` enters: ``none``, ``l2`` (added to the gradient) or ``decoupled``
+    (AdamW)."""
+    args = [x for leaf in leaves for x in leaf]
+    out = [jax.ShapeDtypeStruct(x.shape, x.dtype) for leaf in leaves for x in leaf[1:]]
+    # Argument 0 is hyper; then (g, m, v, p) per leaf: m, v, p become results 3k .. 3k + 2.
+    aliases = {1 + 4 * k + j: 3 * k + j - 1 for k in range(len(leaves)) for j in (1, 2, 3)}
+    results = jax.ffi.ffi_call(_NAME + "adam", out, input_output_aliases=aliases)(
+        hyper,
+        *args,
+        b1=np.float32(b1),
+        ob1=np.float32(1 - b1),
+        b2=np.float32(b2),
+        ob2=np.float32(1 - b2),
+        eps=np.float32(eps),
+        wd=np.float32(weight_decay),
+        decay=np.int64(_ADAM_DECAY[decay]),
+    )
+    return [tuple(results[3 * k : 3 * k + 3]) for k in range(len(leaves))]
 
 
 def bf16_supported() -> bool:

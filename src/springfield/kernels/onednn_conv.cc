@@ -37,6 +37,12 @@ using dnnl::prop_kind;
 using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
 
+// The lock every handler of the library runs under (see CallLock below); adam.cc's too.
+std::mutex& SpringfieldCallLock() {
+  static std::mutex mu;
+  return mu;
+}
+
 namespace {
 
 dnnl::engine& Engine() {
@@ -192,10 +198,7 @@ void RunWeightGrad(dnnl::primitive& prim,
 // oneDNN call (and each pooling pass) already spreads over every core with OpenMP: two at
 // once put twice as many spinning threads as cores on the machine, and a weight gradient
 // that takes 3 ms alone took 176 ms beside another (resnet, bfloat16, 2 cores).
-std::mutex& CallLock() {
-  static std::mutex mu;
-  return mu;
-}
+std::mutex& CallLock() { return SpringfieldCallLock(); }
 
 ffi::Error Guard(const std::function<void()>& body) {
   std::lock_guard<std::mutex> lock(CallLock());

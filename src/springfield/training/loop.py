@@ -43,7 +43,12 @@ from springfield.training.final import finish
 from springfield.training.inputs import augmented_samples, load_data, train_iterator
 from springfield.training.interrupts import stop_requests
 from springfield.training.lr_find import auto_lr
-from springfield.training.optim import build_optimizer, lr_of_step, make_schedule
+from springfield.training.optim import (
+    build_fused_update,
+    build_optimizer,
+    lr_of_step,
+    make_schedule,
+)
 from springfield.training.resume import Setup
 from springfield.training.steps import init_state, make_eval_step, make_train_step
 
@@ -131,6 +136,7 @@ def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Pa
             loss_weights(data.train.labels, len(data.classes)) if cfg.balance == "loss" else None
         ),
         mixstyle=cfg.mixstyle,
+        fused_update=build_fused_update(cfg, schedule),
     )
     eval_step = make_eval_step(graphdef, tta=cfg.tta)
     key = jax.random.key(cfg.seed)

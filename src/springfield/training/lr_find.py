@@ -29,7 +29,7 @@ from springfield.errors import SpringfieldError
 from springfield.models import model_of_config
 from springfield.training.checks import check_config, check_steps_per_epoch
 from springfield.training.inputs import load_data, train_iterator
-from springfield.training.optim import build_optimizer, lr_of_step
+from springfield.training.optim import build_fused_update, build_optimizer, lr_of_step
 from springfield.training.steps import init_state, make_train_step
 
 RULE = (
@@ -132,7 +132,8 @@ def lr_find(
     schedule = exponential_schedule(start_lr, end_lr, steps)
     lr_at = lr_of_step(schedule)
     # skip_nonfinite off: a NaN is the sweep's answer, not a step to skip.
-    tx = build_optimizer(replace(cfg, skip_nonfinite=False), schedule)
+    sweep_cfg = replace(cfg, skip_nonfinite=False)
+    tx = build_optimizer(sweep_cfg, schedule)
     graphdef, state = init_state(model, tx)
     state = parallel.replicate(state, mesh)
     train_step = make_train_step(
@@ -142,6 +143,7 @@ def lr_find(
         mixup_alpha=cfg.mixup,
         cutmix_alpha=cfg.cutmix,
         mixstyle=cfg.mixstyle,
+        fused_update=build_fused_update(sweep_cfg, schedule),
     )
     key = jax.random.key(cfg.seed)
     data_iter = train_iterator(

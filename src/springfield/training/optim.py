@@ -12,6 +12,7 @@ import optax
 
 from springfield.errors import SpringfieldError
 from springfield.runtime import QUICK_COMPILE
+from springfield.training.fused_adam import FusedUpdate, make_fused_update
 
 if TYPE_CHECKING:
     from springfield.config import TrainConfig
@@ -188,3 +189,13 @@ def build_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.Gradien
     if cfg.skip_nonfinite:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
     return tx
+
+
+def build_fused_update(cfg: TrainConfig, schedule: optax.Schedule) -> FusedUpdate | None:
+    """:func:`build_optimizer`'s update as one in-place kernel pass with the same numbers
+    (:mod:`springfield.training.fused_adam`), for ``adam`` and ``adamw`` without ``--ema`` or
+    ``--skip-nonfinite``; None (optax's own update) otherwise or where it cannot run."""
+    # A name registered with register_optimizer is the user's own, whatever optax calls it.
+    if cfg.ema or cfg.skip_nonfinite or cfg.optimizer in OPTIMIZERS:
+        return None
+    return make_fused_update(cfg.optimizer, schedule, weight_decay=cfg.weight_decay)

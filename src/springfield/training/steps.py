@@ -18,6 +18,7 @@ from flax import nnx
 
 from springfield.parallel import take_rows
 from springfield.runtime import QUICK_COMPILE, eval_compiler_options
+from springfield.training.fused_adam import FusedUpdate
 from springfield.training.optim import averaged_params
 
 
@@ -112,6 +113,7 @@ def make_train_step(
     cutmix_alpha: float = 0.0,
     class_weights: Any = None,
     mixstyle: float = 0.0,
+    fused_update: FusedUpdate | None = None,
 ):
     """``train_step(state, batch, key) -> (state, metrics)``.
 
@@ -134,6 +136,12 @@ def make_train_step(
 
     ``mixstyle > 0``: the model (a ResNet) mixes feature statistics between the batch's
     images with this chance per batch (:mod:`springfield.models.mixstyle`).
+
+    ``fused_update`` (:func:`springfield.training.optim.build_fused_update`): ``tx``'s update
+    as one in-place kernel pass, with the same numbers; optax's where it gives None.
+
+    The step donates ``state``: its buffers are reused for the new state (the optimizer
+    updates in place), so the ``state`` passed in cannot be used after the call.
     """
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
@@ -177,7 +185,9 @@ def make_train_step(
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return loss, (new_rest, logits, losses)
 
-    @jax.jit
+    # Donated: XLA writes the new parameters and optimizer state over the old ones instead of
+    # into fresh buffers (refcnn float32 at 64 px: 7% faster), and the fused update needs it.
+    @partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, batch: dict, key: jax.Array):
         key = jax.random.fold_in(key, state.step)
         grads, (rest, logits, losses) = jax.grad(loss_fn, has_aux=True)(
@@ -189,8 +199,12 @@ def make_train_step(
             # and is skipped, as a non-finite one.
             stats_ok = _all_finite(rest)
             grads = jax.tree.map(lambda g: jnp.where(stats_ok, g, jnp.nan), grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        fused = None if fused_update is None else fused_update(grads, state.opt_state, state.params)
+        if fused is not None:
+            params, opt_state = fused
+        else:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         if skip_nonfinite:
             finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
             rest = jax.tree.map(lambda new, old: jnp.where(finite, new, old), rest, state.rest)
