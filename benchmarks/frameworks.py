@@ -336,6 +336,12 @@ class TorchRunner(Runner):
         # (benchmarks/torch_adam.py: 7-28% more train img/s than the default here), as
         # springfield's own Adam is fused (springfield.training.fused_adam).
         self.opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
+        if compiled:
+            # A fresh compilation cache per configuration, as a user running this one alone has:
+            # the refcnn configurations share nn.Sequential's forward, whose cache holds at most
+            # torch._dynamo.config.recompile_limit (8) entries; past that torch.compile runs
+            # eagerly, silently (the third refcnn configuration did, until 2026-12-06).
+            torch._dynamo.reset()
         self.fwd = torch.compile(self.model, dynamic=False) if compiled else self.model
         self.autocast = torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=bf16)
         # NHWC uint8 viewed as NCHW: exactly a channels_last tensor, no copy.
