@@ -58,11 +58,11 @@ def make_fused_update(
         decay = "l2" if weight_decay else "none"
 
     def update(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any] | None:
-        adam = _find(opt_state, optax.ScaleByAdamState)
-        sched = _find(opt_state, optax.ScaleByScheduleState)
-        g, treedef = jax.tree.flatten(grads)
+        adam = find_state(opt_state, optax.ScaleByAdamState)
+        sched = find_state(opt_state, optax.ScaleByScheduleState)
         if adam is None or sched is None:
             return None
+        g, treedef = jax.tree.flatten(grads)
         try:
             p, m, v = (treedef.flatten_up_to(t) for t in (params, adam.mu, adam.nu))
         except ValueError:
@@ -95,13 +95,14 @@ def make_fused_update(
     return update
 
 
-def _find(state: Any, kind: type) -> Any:
-    """The first ``kind`` state in a (nested) chain state, or None."""
+def find_state(state: Any, kind: type) -> Any:
+    """The first ``kind`` state in an optimizer state, looking inside chains and wrapper
+    states (tuples and named tuples, nested), or None."""
     if isinstance(state, kind):
         return state
     if isinstance(state, tuple):
         for part in state:
-            found = _find(part, kind)
+            found = find_state(part, kind)
             if found is not None:
                 return found
     return None

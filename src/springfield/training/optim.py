@@ -12,7 +12,7 @@ import optax
 
 from springfield.errors import SpringfieldError
 from springfield.runtime import QUICK_COMPILE
-from springfield.training.fused_adam import FusedUpdate, make_fused_update
+from springfield.training.fused_adam import FusedUpdate, find_state, make_fused_update
 
 if TYPE_CHECKING:
     from springfield.config import TrainConfig
@@ -167,14 +167,8 @@ def params_ema(decay: float) -> optax.GradientTransformation:
 
 def averaged_params(opt_state: Any) -> optax.Params | None:
     """The parameter average kept by :func:`params_ema` in ``opt_state``, or None."""
-    if isinstance(opt_state, ParamsEmaState):
-        return opt_state.ema
-    if isinstance(opt_state, tuple):  # chains and wrapper states (named tuples too)
-        for part in opt_state:
-            found = averaged_params(part)
-            if found is not None:
-                return found
-    return None
+    state = find_state(opt_state, ParamsEmaState)
+    return None if state is None else state.ema
 
 
 def build_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
