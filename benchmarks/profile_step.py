@@ -21,13 +21,16 @@ springfield's layer (``SPRINGFIELD_ONEDNN=0``), oneDNN, and oneDNN with bfloat16
 ``--compare-norm`` the same with BatchNorm in XLA (``SPRINGFIELD_FUSE_BN=0``) and in
 oneDNN, in float32 and with bfloat16 products, with float32 activations between the layers
 (``SPRINGFIELD_BF16_ACTIVATIONS=0``, the bfloat16 path before 2026-12-06) and bfloat16 ones;
-``--compare-adam`` with optax's Adam (``SPRINGFIELD_FUSED_ADAM=0``) and the fused kernel.
+``--compare-adam`` with optax's Adam (``SPRINGFIELD_FUSED_ADAM=0``) and the fused kernel;
+``--compare-dense`` with bfloat16 products in the convolutions only (the dense layers in
+XLA's float32, ``SPRINGFIELD_BF16_DENSE=0``) and in the dense layers too (oneDNN).
 
     python benchmarks/profile_step.py --model resnet --batch 64 --top 15
     python benchmarks/profile_step.py --model resnet --batch 64 --compare-conv
     python benchmarks/profile_step.py --model resnet4 --image-size 96 96 --compare-norm
     python benchmarks/profile_step.py --model resnet --batch 64 --top 0 --step-times 40
     python benchmarks/profile_step.py --model refcnn --image-size 64 64 --compare-adam
+    python benchmarks/profile_step.py --model refcnn --image-size 64 64 --compare-dense
 """
 
 from __future__ import annotations
@@ -222,7 +225,7 @@ def time_conv_layers(
 # Read when a model is built: each compared path builds its own.
 PATH_VARS = (
     "SPRINGFIELD_CONV", "SPRINGFIELD_ONEDNN", "SPRINGFIELD_FUSE_BN", "SPRINGFIELD_BF16_ACTIVATIONS",
-    "SPRINGFIELD_FUSED_ADAM",
+    "SPRINGFIELD_FUSED_ADAM", "SPRINGFIELD_BF16_DENSE",
 )  # fmt: skip
 
 
@@ -265,6 +268,11 @@ def main() -> None:
         "--compare-adam",
         action="store_true",
         help="time optax's Adam vs the fused one-pass kernel, float32 and bfloat16",
+    )
+    p.add_argument(
+        "--compare-dense",
+        action="store_true",
+        help="time bfloat16 steps with float32 (XLA) vs bfloat16 (oneDNN) dense layers",
     )
     p.add_argument("--conv-layers", action="store_true", help="time each convolution alone")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare-*")
@@ -317,6 +325,13 @@ def main() -> None:
             "fused Adam, float32": ({}, "float32"),
             "optax Adam, bfloat16": (optax_adam, "bfloat16"),
             "fused Adam, bfloat16": ({}, "bfloat16"),
+        })  # fmt: skip
+        return
+    if args.compare_dense:
+        compare(args, size, label, "dense layers", {
+            "float32 (XLA) dense layers, float32": ({"SPRINGFIELD_BF16_DENSE": "0"}, "float32"),
+            "float32 (XLA) dense layers, bfloat16": ({"SPRINGFIELD_BF16_DENSE": "0"}, "bfloat16"),
+            "bfloat16 (oneDNN) dense layers, bfloat16": ({}, "bfloat16"),
         })  # fmt: skip
         return
     step, step_args, run = build(args.model, size, args.batch, args.mode, args.precision)

@@ -292,8 +292,23 @@ def Conv(  # noqa: N802 - a module constructor
     return nnx.Conv(in_features, out_features, kernel_size, conv_general_dilated=impl, **kwargs)
 
 
+def Dense(in_features: int, out_features: int, **kwargs: Any) -> nnx.Linear:  # noqa: N802
+    """``nnx.Linear`` (same parameters and maths). Where the model's convolutions multiply
+    in bfloat16 on oneDNN (``--precision bfloat16`` on a CPU with bfloat16 instructions),
+    its product runs there too, in bfloat16 with float32 accumulation
+    (:func:`springfield.kernels.onednn.make_dense_dot`), and a bfloat16 input reaches it as
+    it is. ``SPRINGFIELD_BF16_DENSE=0`` keeps XLA's float32 dot."""
+    if (
+        getattr(conv_impl(), "onednn_bfloat16", False)
+        and os.environ.get("SPRINGFIELD_BF16_DENSE", "1") != "0"
+    ):
+        kwargs.setdefault("dot_general", onednn.make_dense_dot())
+        kwargs.setdefault("promote_dtype", _keep_input_type)
+    return nnx.Linear(in_features, out_features, **kwargs)
+
+
 def _keep_input_type(args: tuple, dtype: Any = None, **kwargs: Any) -> tuple:
-    # The convolution casts what it multiplies; the bias (if any) promotes the output.
+    # The convolution (or product) casts what it multiplies; the bias promotes the output.
     return args
 
 

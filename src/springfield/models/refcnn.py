@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from springfield.models.activations import Activation
-from springfield.models.layers import Conv, conv_act_pool
+from springfield.models.layers import Conv, Dense, conv_act_pool
 
 CHANNELS = (32, 64, 128)
 
@@ -37,8 +37,8 @@ class RefCNN(nnx.Module):
         h, w = image_size
         for _ in CHANNELS:
             h, w = h // 2, w // 2
-        self.fc = nnx.Linear(h * w * CHANNELS[-1], 256, rngs=rngs)
-        self.head = nnx.Linear(256, num_classes, rngs=rngs)
+        self.fc = Dense(h * w * CHANNELS[-1], 256, rngs=rngs)
+        self.head = Dense(256, num_classes, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None

@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 
 from springfield.models.activations import Activation
-from springfield.models.layers import Conv, conv_act_pool
+from springfield.models.layers import Conv, Dense, conv_act_pool
 
 CHANNELS = (128, 128, 64, 32, 16)
 
@@ -39,9 +39,9 @@ class SeedCNN(nnx.Module):
         h, w = image_size
         for _ in CHANNELS:
             h, w = h // 2, w // 2
-        self.fc1 = nnx.Linear(h * w * CHANNELS[-1], 256, rngs=rngs)
-        self.fc2 = nnx.Linear(256, 64, rngs=rngs)
-        self.head = nnx.Linear(64, num_classes, rngs=rngs)
+        self.fc1 = Dense(h * w * CHANNELS[-1], 256, rngs=rngs)
+        self.fc2 = Dense(256, 64, rngs=rngs)
+        self.head = Dense(64, num_classes, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
