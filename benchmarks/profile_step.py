@@ -328,10 +328,11 @@ def main() -> None:
         })  # fmt: skip
         return
     if args.compare_dense:
+        xla, ours = {"SPRINGFIELD_BF16_DENSE": "0"}, {"SPRINGFIELD_BF16_DENSE": "1"}
         compare(args, size, label, "dense layers", {
-            "float32 (XLA) dense layers, float32": ({"SPRINGFIELD_BF16_DENSE": "0"}, "float32"),
-            "float32 (XLA) dense layers, bfloat16": ({"SPRINGFIELD_BF16_DENSE": "0"}, "bfloat16"),
-            "bfloat16 (oneDNN) dense layers, bfloat16": ({}, "bfloat16"),
+            "float32 (XLA) dense layers, float32": (xla, "float32"),
+            "float32 (XLA) dense layers, bfloat16": (xla, "bfloat16"),
+            "bfloat16 (oneDNN) dense layers, bfloat16": (ours, "bfloat16"),
         })  # fmt: skip
         return
     step, step_args, run = build(args.model, size, args.batch, args.mode, args.precision)

@@ -660,9 +660,12 @@ def test_bfloat16_dense_layer_multiplies_bfloat16_operands_both_ways():
     )
 
 
-def test_refcnn_in_bfloat16_runs_its_dense_layer_on_onednn_and_trains_like_float32():
+def test_refcnn_in_bfloat16_runs_its_dense_layer_on_onednn_and_trains_like_float32(
+    monkeypatch,
+):
     if not (onednn.available() and onednn.bf16_supported()):
         pytest.skip("bfloat16 dense layers need oneDNN on a CPU with bfloat16 instructions")
+    monkeypatch.setenv("SPRINGFIELD_BF16_DENSE", "1")  # the default too, except on AMX
     x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
     labels = jnp.arange(8) % 4
     losses = {}
@@ -682,3 +685,8 @@ def test_refcnn_in_bfloat16_runs_its_dense_layer_on_onednn_and_trains_like_float
             opt.update(model, grads)
         losses[precision] = float(loss)
     assert abs(losses["float32"] - losses["bfloat16"]) < 0.03 * abs(losses["float32"])
+
+    # SPRINGFIELD_BF16_DENSE=0 keeps XLA's float32 dot.
+    monkeypatch.setenv("SPRINGFIELD_BF16_DENSE", "0")
+    model = build_model("refcnn", 4, image_size=(32, 32), precision="bfloat16")
+    assert model.fc.dot_general is lax.dot_general

@@ -70,6 +70,15 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bfloat16 (Intel Sapphire Rapids and later)."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def xla_flags_wanted() -> list[str]:
     """The XLA flags springfield adds for the installed jaxlib (empty when disabled)."""
     if os.environ.get("SPRINGFIELD_XLA_FLAGS", "1") == "0":

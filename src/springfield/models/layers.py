@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from springfield import runtime
 from springfield.kernels import onednn
 
 
@@ -297,10 +298,12 @@ def Dense(in_features: int, out_features: int, **kwargs: Any) -> nnx.Linear:  # 
     in bfloat16 on oneDNN (``--precision bfloat16`` on a CPU with bfloat16 instructions),
     its product runs there too, in bfloat16 with float32 accumulation
     (:func:`springfield.kernels.onednn.make_dense_dot`), and a bfloat16 input reaches it as
-    it is. ``SPRINGFIELD_BF16_DENSE=0`` keeps XLA's float32 dot."""
-    if (
-        getattr(conv_impl(), "onednn_bfloat16", False)
-        and os.environ.get("SPRINGFIELD_BF16_DENSE", "1") != "0"
+    it is, except on CPUs with AMX, where oneDNN's skinny bfloat16 products measured no
+    faster than XLA's float32 dot (docs/performance.md). ``SPRINGFIELD_BF16_DENSE=0`` keeps
+    XLA's float32 dot everywhere, ``=1`` takes oneDNN's on AMX too."""
+    wanted = os.environ.get("SPRINGFIELD_BF16_DENSE", "")
+    if getattr(conv_impl(), "onednn_bfloat16", False) and (
+        wanted == "1" or (wanted != "0" and not runtime.cpu_has_amx())
     ):
         kwargs.setdefault("dot_general", onednn.make_dense_dot())
         kwargs.setdefault("promote_dtype", _keep_input_type)
