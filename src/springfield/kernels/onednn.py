@@ -17,6 +17,9 @@ full-size output.
 :func:`adam_update` runs a whole Adam/AdamW step of every parameter in one pass
 (``adam.cc``, used by :mod:`springfield.training.fused_adam`).
 
+:func:`make_dense_dot` runs a dense layer's products in bfloat16 (``onednn_matmul.cc``,
+used by :func:`springfield.models.layers.Dense` under ``--precision bfloat16``).
+
 The C++ files are compiled on first use with the system's ``g++`` against the oneDNN wheel
 (``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``) and jaxlib's FFI headers, into
 ``kernels/`` of springfield's cache folder (:func:`springfield.paths.cache_root`), one file per
@@ -535,13 +538,6 @@ def _dense_bwd(res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-def matmul(a: jax.Array, b: jax.Array, bfloat16: bool = False) -> jax.Array:
-    """``a @ b`` for 2-D float32 or bfloat16 arrays in one oneDNN call, float32 out, in
-    bfloat16 products with ``bfloat16`` (else both must be float32): the kernel behind
-    :func:`make_dense_dot`, for tests and benchmarks."""
-    return _matmul(a, b, np.float32, bf16=bfloat16)
 
 
 def make_dense_dot(fallback: Callable[..., jax.Array] = lax.dot_general) -> Callable[..., Any]:
