@@ -59,24 +59,24 @@ def process_start() -> float | None:
 
 
 @functools.cache
+def _cpu_flags() -> str:
+    """/proc/cpuinfo's text ('' where there is none)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX). Without
     them oneDNN and XLA convert bfloat16 to float32 and back around every product, so
     bfloat16 is slower than float32, for springfield and for every framework alike."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags()
 
 
-@functools.cache
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles for bfloat16 (Intel Sapphire Rapids and later)."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return "amx_bf16" in _cpu_flags()
 
 
 def xla_flags_wanted() -> list[str]:

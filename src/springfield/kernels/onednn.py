@@ -17,7 +17,7 @@ full-size output.
 :func:`adam_update` runs a whole Adam/AdamW step of every parameter in one pass
 (``adam.cc``, used by :mod:`springfield.training.fused_adam`).
 
-:func:`make_dense_dot` runs a dense layer's products in bfloat16 (``onednn_matmul.cc``,
+:func:`make_dense_dot` runs a dense layer's products in bfloat16 (``onednn_conv.cc``,
 used by :func:`springfield.models.layers.Dense` under ``--precision bfloat16``).
 
 The C++ files are compiled on first use with the system's ``g++`` against the oneDNN wheel
@@ -52,11 +52,7 @@ from springfield.paths import cache_root
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 # Compiled into the same library: the fused Adam update (springfield.training.fused_adam).
-SOURCES = (
-    SOURCE,
-    Path(__file__).with_name("adam.cc"),
-    Path(__file__).with_name("onednn_matmul.cc"),
-)
+SOURCES = (SOURCE, Path(__file__).with_name("adam.cc"))
 _TARGETS = {
     "forward": "SpringfieldConvForward",
     "input_grad": "SpringfieldConvBackwardData",
@@ -511,7 +507,7 @@ def _matmul(
     trans_b: bool = False,
     bf16: bool = False,
 ) -> jax.Array:
-    """``op(a) @ op(b)`` in oneDNN (``onednn_matmul.cc``), ``op`` transposing where asked;
+    """``op(a) @ op(b)`` in oneDNN (``onednn_conv.cc``), ``op`` transposing where asked;
     with ``bf16`` in bfloat16 products (float32 operands rounded in the kernel)."""
     m = a.shape[1] if trans_a else a.shape[0]
     n = b.shape[0] if trans_b else b.shape[1]
