@@ -90,15 +90,23 @@ def test_decode_cache_is_reused_and_records_decode_failures(tmp_path):
     for i in range(3):
         _jpeg(tmp_path / "a" / f"{i}.jpg", colour=(10 * i, 0, 0))
         _jpeg(tmp_path / "b" / f"{i}.jpg", colour=(0, 10 * i, 0))
-    # Passes the header probe, fails when decoded.
-    good = (tmp_path / "b" / "0.jpg").read_bytes()
-    (tmp_path / "b" / "3.jpg").write_bytes(good[: len(good) // 2])
+    # Passes the header probe, fails when decoded: noise makes the pixel data most of the
+    # file, so cutting it at 60% leaves the header whole.
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.jpg", "JPEG", quality=95)
+    good = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "full.jpg").unlink()
+    (tmp_path / "b" / "3.jpg").write_bytes(good[: len(good) * 6 // 10])
     index = scan_folder(tmp_path)
+    truncated = str(tmp_path / "b" / "3.jpg")
+    # The header probe lets it through; only decoding finds it truncated.
+    assert truncated in index.paths and len(index) == 7
     npy, kept = decode_index(index, (16, 16), cache_dir=tmp_path / "cache")
     arr = np.load(npy)
-    assert arr.shape == (len(kept), 16, 16, 3) and arr.dtype == np.uint8
-    if len(kept) < len(index):
-        assert any("3.jpg" in p for p, _ in kept.skipped)
+    assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
+    assert truncated not in kept.paths and len(kept) == 6
+    assert [p for p, _ in kept.skipped] == [truncated]
+    assert "truncated" in dict(kept.skipped)[truncated]
     mtime = npy.stat().st_mtime_ns
     npy2, kept2 = decode_index(index, (16, 16), cache_dir=tmp_path / "cache")
     assert npy2 == npy and npy.stat().st_mtime_ns == mtime and kept2 == kept
