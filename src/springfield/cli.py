@@ -11,22 +11,29 @@ import csv
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import tyro
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
+from springfield.cli_args import (
+    CompareArgs,
+    EvalArgs,
+    ExportArgs,
+    LrFindArgs,
+    PredictArgs,
+    ReportArgs,
+    ServeArgs,
+)
 from springfield.config import TrainConfig
 from springfield.errors import Interrupted, SpringfieldError
-from springfield.inference import DEFAULT_BATCH_SIZES
 from springfield.paths import printable
 from springfield.runtime import process_start, reexec_with_malloc_env, setup_runtime
 
 USAGE = """usage: springfield {train,eval,predict,report,lr-find,compare,export,serve} [--help]
+       springfield --version
 
   train     train a classifier on a folder of images (no --data: built-in Simpsons set)
   eval      evaluate a run folder on its validation split or on --data DIR
@@ -37,129 +44,12 @@ USAGE = """usage: springfield {train,eval,predict,report,lr-find,compare,export,
   export    write a run as a portable jax.export folder that needs no training code
   serve     a web page and JSON API for a run or exported folder (127.0.0.1:8000)
 
-springfield COMMAND --help explains every flag and its default.
+springfield COMMAND --help explains every flag and its default. train, lr-find and compare
+also take --preset NAME and --config FILE (JSON or YAML, e.g. a run's config.json); flags
+given with them override their settings.
 """
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-@dataclass(frozen=True)
-class EvalArgs:
-    """Evaluate a trained run: loss, accuracy, per-class precision/recall/F1, confusion."""
-
-    run: Annotated[Path, tyro.conf.Positional]
-    """Run folder written by `springfield train` (its --workdir)."""
-
-    data: Path | None = None
-    """Folder to evaluate (<data>/<class>/<image>; uses <data>/val if present). Default:
-    the run's own validation split."""
-
-    batch_size: int = 64
-    """Evaluation batch size (the last batch is padded and masked, nothing is dropped)."""
-
-    json: bool = False
-    """Print one JSON object instead of tables."""
-
-    report: Path | None = None
-    """Also write confusion.png, mistakes.png and report.html for this evaluation into this folder."""
-
-    allow_import: bool = False
-    """Allow importing the run's custom module:function activation (runs that module)."""
-
-
-@dataclass(frozen=True)
-class ReportArgs:
-    """Regenerate a run folder's figures and report.html from its latest checkpoint."""
-
-    run: Annotated[Path, tyro.conf.Positional]
-    """Run folder written by `springfield train`."""
-
-    batch_size: int = 64
-    """Evaluation batch size."""
-
-    allow_import: bool = False
-    """Allow importing the run's custom module:function activation (runs that module)."""
-
-
-@dataclass(frozen=True)
-class PredictArgs:
-    """Top-k classes with probabilities for each image (folders are searched recursively)."""
-
-    run: Annotated[Path, tyro.conf.Positional]
-    """Run folder written by `springfield train`, or a folder written by `springfield export`."""
-
-    images: Annotated[tuple[Path, ...], tyro.conf.Positional]
-    """Image files or folders of images."""
-
-    top_k: int = 3
-    """How many classes to show per image."""
-
-    json: bool = False
-    """Print one JSON object per image (JSON lines)."""
-
-    csv: Path | None = None
-    """Also write path, rank, class, probability rows to this CSV file."""
-
-    allow_import: bool = False
-    """Allow importing the run's custom module:function activation (runs that module)."""
-
-
-@dataclass(frozen=True)
-class ExportArgs:
-    """Write a run as a folder that predicts without springfield's training code: model.jaxexport (jax.export StableHLO of the inference forward pass, parameters baked in, any batch size, XLA convolutions so it runs on CPU and CUDA), classes.json, preprocess.json (input size, decoding, normalisation, test-time augmentation) and export.json. The export is checked against the run (probabilities within 1e-5) before it is written. `springfield predict OUT` and `springfield serve OUT` take the folder; so does springfield.inference.load(OUT)."""
-
-    run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
-    """Run folder written by `springfield train` (its --workdir)."""
-
-    out: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="OUT")]
-    """Folder to write (must be new or empty, unless --overwrite)."""
-
-    overwrite: bool = False
-    """Replace OUT if it already holds an export."""
-
-    platform: tuple[str, ...] = ("cpu", "cuda")
-    """JAX platforms to lower for (one module runs on any of them): cpu, cuda, rocm, tpu."""
-
-    allow_import: bool = False
-    """Allow importing the run's custom module:function activation (runs that module)."""
-
-
-@dataclass(frozen=True)
-class ServeArgs:
-    """Serve a model: GET / is a page to drop, choose or paste images into; POST /predict takes multipart files (curl -F file=@a.jpg -F file=@b.png) or one raw image body and answers JSON {"predictions": [{"file", "top": [{"label", "probability"}]}], "model": {...}}; GET /health and GET /info. The model is loaded once and compiled for --batch-sizes at start-up; concurrent requests share forward passes (micro-batching). Bad uploads get a 4xx with a one-line JSON error. Probabilities are those of `springfield predict --json`."""
-
-    run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="FOLDER")]
-    """Run folder written by `springfield train`, or a folder written by `springfield export`."""
-
-    host: str = "127.0.0.1"
-    """Address to listen on. The default accepts this machine only; 0.0.0.0 (or ::) accepts every machine that can reach this one, with no authentication and no TLS."""
-
-    port: int = 8000
-    """TCP port to listen on (0: any free port, printed at start)."""
-
-    top_k: int = 3
-    """Classes returned per image (a request may ask for others with ?top_k=N)."""
-
-    max_upload_mb: float = 10.0
-    """Largest request body in MB (2**20 bytes), checked against Content-Length and counted while the body streams in: a larger upload gets 413 and is read no further than the limit."""
-
-    max_files: int = 16
-    """Most image files in one request (more get 400)."""
-
-    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
-    """Batch shapes compiled at start-up (`springfield predict` runs the same ones, so a request gets the very floats predict prints for the same files); a forward pass takes as many waiting images as fill one, the largest is the most images per forward pass."""
-
-    batching: bool = True
-    """Micro-batching: requests that arrive together share forward passes. --no-batching runs each request on its own (for comparison: benchmarks/serve.py)."""
-
-    batch_window_ms: float = 2.0
-    """How long the first waiting request waits for others to join its forward pass (ms); requests that queue up during a forward pass join the next one regardless."""
-
-    log_requests: bool = False
-    """Print one access-log line per request."""
-
-    allow_import: bool = False
-    """Allow importing the run's custom module:function activation (runs that module)."""
 
 
 def _export(argv: list[str], console: Console) -> None:
@@ -200,31 +90,6 @@ def _serve(argv: list[str], console: Console) -> None:
         log_requests=args.log_requests,
         say=lambda text: print(text, flush=True),
     )
-
-
-@dataclass(frozen=True)
-class LrFindArgs(TrainConfig):
-    """Learning-rate range test (Smith 2017, fastai lr_find): from a fresh model of these train flags, train one batch per step while the rate grows exponentially from --start-lr to --end-lr; stop when the smoothed loss exceeds 4x its minimum. Writes lr_find.png (smoothed loss vs rate, log axis, the suggestion marked) and lr_find.json into --workdir (default runs/lr-find-<timestamp>) and prints the suggested --lr by fastai's valley rule: a little past the middle of the longest stretch where the smoothed loss keeps falling. --lr itself is not used."""
-
-    start_lr: float = 1e-6
-    """First learning rate of the sweep."""
-
-    end_lr: float = 10.0
-    """Last learning rate of the sweep (it stops earlier when the loss diverges)."""
-
-    steps: int = 100
-    """Train steps (batches) in the sweep, one rate each."""
-
-
-@dataclass(frozen=True)
-class CompareArgs(TrainConfig):
-    """Train every combination of the --vary settings (one value of each), once per seed, with the same data, split and epochs, one after another; each run is an ordinary run folder <workdir>/<variant>/seed<k>. Then write summary.md, summary.json (per variant: final and best validation accuracy, validation loss, train time, img/s, epochs to 90% of the best accuracy; mean and spread over seeds, from each run's metrics.jsonl), curves.png and compare.html into --workdir (default runs/compare-<timestamp>). Every other flag is a train flag and applies to all variants. Every variant is checked before the first trains. Running the same command again skips finished runs and resumes the interrupted one."""
-
-    vary: tyro.conf.UseAppendAction[tuple[str, ...]] = ()
-    """NAME=V1,V2,...: a train flag and its values, e.g. --vary activation=relu,gelu,mypkg.acts:squareplus --vary optimizer=adamw,lion (repeat for more; every combination runs). Tuples as "image_size=64 64,96 96" or image_size=64x64,96x96; booleans as tta=true,false."""
-
-    seeds: tuple[int, ...] = ()
-    """Seeds to run each variant with (split, initialisation, shuffling and augmentation), e.g. --seeds 0 1 2. Default: --seed."""
 
 
 _PRESETS_HELP = (
