@@ -52,8 +52,21 @@ DEFAULT_TRAIN_FLAGS = [
     "--no-tensorboard",
     "--no-report",
 ]
-# Timing fields differ between any two runs; everything else in metrics.jsonl must not.
-TIMING_KEYS = {"train_img_s", "epoch_seconds", "input_wait_fraction"}
+# Timing fields differ between any two runs; everything else in metrics.jsonl and eval.json
+# must not. Matched by name pattern, not a list, so that a timing added later
+# (first_step_seconds was one) does not turn "identical" into "no" again.
+TIMING_KEY = re.compile(r"(seconds|_s|_ms|_time|_fraction|^time|timing|elapsed)$|^(time|timing)")
+
+
+def without_timings(value):
+    """``value`` (a JSON document) with every key that names a timing left out, recursively."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if not TIMING_KEY.search(k)}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
 READY = "parameters) on"  # the trainer's summary line: data ready, state restored
 # The trainer, with a stack dump on SIGUSR1 so that the script can say where a kill landed.
 CHILD = (
@@ -174,9 +187,14 @@ def kill_at_random(
     return True, phase, len(orphans)
 
 
+def metric_rows_raw(workdir: Path) -> list[dict]:
+    """The rows of ``workdir``'s metrics.jsonl as written."""
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
+
+
 def metric_rows(workdir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+    """The rows of ``workdir``'s metrics.jsonl without their timings."""
+    return [without_timings(r) for r in metric_rows_raw(workdir)]
 
 
 def same_parameters(a: Path, b: Path) -> tuple[bool, int]:
@@ -298,14 +316,20 @@ def main() -> int:
         print(final_text[-3000:])
 
     same, n_leaves = same_parameters(straight, faulted) if done == 0 else (False, 0)
-    same_eval = done == 0 and json.loads((straight / "eval.json").read_text()) == json.loads(
-        (faulted / "eval.json").read_text()
-    )
+    same_eval = done == 0 and without_timings(
+        json.loads((straight / "eval.json").read_text())
+    ) == without_timings(json.loads((faulted / "eval.json").read_text()))
     rows_a, rows_b = metric_rows(straight), metric_rows(faulted) if done == 0 else []
+    timings_left_out = sorted(
+        {k for r in metric_rows_raw(straight) for k in r if TIMING_KEY.search(k)}
+    )
     epochs = [r["epoch"] for r in rows_b]
     print(f"final run: exit {done}; {'resumed' if 'Resuming' in final_text else 'started fresh'}")
     print(f"orphaned worker processes after kills: {orphans}")
-    print(f"metrics.jsonl epochs {epochs}; rows identical (timings aside): {rows_a == rows_b}")
+    print(
+        f"metrics.jsonl epochs {epochs}; rows identical (timings aside: "
+        f"{', '.join(timings_left_out)}): {rows_a == rows_b}"
+    )
     print(f"eval.json identical: {same_eval}; {n_leaves} parameter/statistics leaves compared")
     print(f"runs in {out}")
     print(
