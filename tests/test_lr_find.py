@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import springfield
 from springfield.cli import main
@@ -69,3 +70,29 @@ def test_lr_find_command_prints_the_rule_and_refuses_a_bad_sweep(tiny_folder, tm
     assert f"Suggested --lr {suggestion:.2e}" in " ".join(out.split())
     assert main([*argv, "--start-lr", "1", "--end-lr", "0.1"]) == 2
     assert "--start-lr 1 / --end-lr 0.1: need 0 < start < end" in capsys.readouterr().err
+
+
+def test_lr_find_balance_loss_sweeps_the_class_weighted_loss(tiny_folder, tmp_path):
+    # One class cut to a few images: --balance loss then weights it up in training's loss,
+    # and the sweep must follow that loss, not the plain one.
+    data = tmp_path / "imbalanced"
+    shutil.copytree(tiny_folder, data)
+    for path in sorted((data / "bart_simpson").iterdir())[:8]:
+        path.unlink()
+    sweep = dict(
+        data=data,
+        model="refcnn",
+        image_size=(32, 32),
+        batch_size=8,
+        workers=0,
+        start_lr=1e-4,
+        end_lr=1e-2,
+        steps=12,
+        quiet=True,
+    )
+    plain = springfield.lr_find(workdir=tmp_path / "plain", **sweep)
+    weighted = springfield.lr_find(workdir=tmp_path / "weighted", balance="loss", **sweep)
+    # The same fresh model and first batch: the first loss (reported unweighted) is the same;
+    # the weighted gradients then move the model elsewhere.
+    assert weighted.losses[0] == plain.losses[0]
+    assert weighted.losses[1:] != plain.losses[1:]

@@ -30,10 +30,10 @@ from rich.console import Console
 
 from springfield import parallel
 from springfield.config import TrainConfig, to_json
-from springfield.data.pipeline import loss_weights
 from springfield.errors import Interrupted
-from springfield.models import count_params, model_of_config, model_spec
+from springfield.models import count_params, model_spec
 from springfield.training import checkpoint, progress, resume, run_folder
+from springfield.training.assembly import assemble
 from springfield.training.checks import check_config, check_steps_per_epoch
 from springfield.training.epoch import end_epoch, evaluate_epoch, stopped_early, train_epoch
 
@@ -43,14 +43,8 @@ from springfield.training.final import finish
 from springfield.training.inputs import augmented_samples, load_data, train_iterator
 from springfield.training.interrupts import stop_requests
 from springfield.training.lr_find import auto_lr
-from springfield.training.optim import (
-    build_fused_update,
-    build_optimizer,
-    lr_of_step,
-    make_schedule,
-)
+from springfield.training.optim import lr_of_step, make_schedule
 from springfield.training.resume import Setup
-from springfield.training.steps import init_state, make_eval_step, make_train_step
 
 __all__ = ["augmented_samples", "resolve", "run_eval", "train", "train_and_evaluate"]
 
@@ -113,32 +107,16 @@ def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Pa
     steps_per_epoch = check_steps_per_epoch(cfg, len(data.train.index))
     total_steps = steps_per_epoch * cfg.epochs
 
-    # Model, optimizer, steps; state replicated over the mesh.
-    model = model_of_config(cfg, len(data.classes))
+    # Model, optimizer, steps (assembly.py); state replicated over the mesh.
     schedule = make_schedule(
         cfg.schedule,
         lr=cfg.lr,
         total_steps=total_steps,
         warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
     )
-    tx = build_optimizer(cfg, schedule)
     lr_at = lr_of_step(schedule)
-    graphdef, state = init_state(model, tx)
-    state = parallel.replicate(state, mesh)
-    train_step = make_train_step(
-        graphdef,
-        tx,
-        label_smoothing=cfg.label_smoothing,
-        skip_nonfinite=cfg.skip_nonfinite,
-        mixup_alpha=cfg.mixup,
-        cutmix_alpha=cfg.cutmix,
-        class_weights=(
-            loss_weights(data.train.labels, len(data.classes)) if cfg.balance == "loss" else None
-        ),
-        mixstyle=cfg.mixstyle,
-        fused_update=build_fused_update(cfg, schedule),
-    )
-    eval_step = make_eval_step(graphdef, tta=cfg.tta)
+    built = assemble(cfg, data, schedule, mesh)
+    state, train_step, eval_step = built.state, built.train_step, built.eval_step
     key = jax.random.key(cfg.seed)
     data_iter = train_iterator(
         cfg,
@@ -163,7 +141,7 @@ def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Pa
     pos = resume.start_or_resume(setup, state, console)
     if is_main:
         run_folder.write_run_record(workdir, cfg, data.root, data.train, data.val, record)
-        progress.print_header(setup, data, count_params(model), console)
+        progress.print_header(setup, data, count_params(built.model), console)
 
     writer = progress.open_writer(setup)
     bar = progress.progress_bar(console, enabled=is_main)

@@ -26,11 +26,10 @@ from rich.console import Console
 from springfield import parallel
 from springfield.config import TrainConfig, save_json
 from springfield.errors import SpringfieldError
-from springfield.models import model_of_config
+from springfield.training.assembly import assemble
 from springfield.training.checks import check_config, check_steps_per_epoch
 from springfield.training.inputs import load_data, train_iterator
-from springfield.training.optim import build_fused_update, build_optimizer, lr_of_step
-from springfield.training.steps import init_state, make_train_step
+from springfield.training.optim import lr_of_step
 
 RULE = (
     "valley: the rate a little past the middle of the longest stretch where the smoothed "
@@ -128,23 +127,12 @@ def lr_find(
     steps_per_epoch = check_steps_per_epoch(cfg, len(data.train.index))
     epochs = math.ceil(steps / steps_per_epoch)
     mesh = parallel.make_mesh()
-    model = model_of_config(cfg, len(data.classes))
     schedule = exponential_schedule(start_lr, end_lr, steps)
     lr_at = lr_of_step(schedule)
-    # skip_nonfinite off: a NaN is the sweep's answer, not a step to skip.
-    sweep_cfg = replace(cfg, skip_nonfinite=False)
-    tx = build_optimizer(sweep_cfg, schedule)
-    graphdef, state = init_state(model, tx)
-    state = parallel.replicate(state, mesh)
-    train_step = make_train_step(
-        graphdef,
-        tx,
-        label_smoothing=cfg.label_smoothing,
-        mixup_alpha=cfg.mixup,
-        cutmix_alpha=cfg.cutmix,
-        mixstyle=cfg.mixstyle,
-        fused_update=build_fused_update(sweep_cfg, schedule),
-    )
+    # Training's own assembly, so the sweep follows the loss training minimises (class
+    # weights included). skip_nonfinite off: a NaN is the sweep's answer, not a step to skip.
+    built = assemble(replace(cfg, skip_nonfinite=False), data, schedule, mesh)
+    state, train_step = built.state, built.train_step
     key = jax.random.key(cfg.seed)
     data_iter = train_iterator(
         replace(cfg, epochs=epochs),
