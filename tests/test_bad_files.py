@@ -182,7 +182,7 @@ def _shown(path: Path) -> str:
 def test_folder_of_bad_files_trains_and_reports_each_bad_file_once(tiny_folder, tmp_path, capsys):
     data = make_bad_folder(tiny_folder, tmp_path / "data")
     workdir = tmp_path / "run"
-    status, stdout, stderr, peak = run_measured(
+    status, _, stderr, peak = run_measured(
         [
             "springfield.cli",
             "train",
@@ -225,9 +225,9 @@ def test_folder_of_bad_files_trains_and_reports_each_bad_file_once(tiny_folder, 
     assert used == 4 * 14 + len(ODD)
 
     # The console: the count, then each file with its reason, once.
-    assert f"Skipped {len(BAD)} file(s)" in " ".join(stdout.split())
+    assert f"Skipped {len(BAD)} file(s)" in " ".join(stderr.split())
     for name in BAD:
-        assert stdout.count(f"skipped {_shown(data / name)}:") == 1, name
+        assert stderr.count(f"skipped {_shown(data / name)}:") == 1, name
 
     # predict on the same folder: odd names printed and written without crashing.
     csv_path = tmp_path / "predictions.csv"

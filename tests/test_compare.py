@@ -147,7 +147,7 @@ def test_sigkill_after_the_first_variant_then_rerun_resumes_and_finishes(tiny_fo
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    text = " ".join(done.stdout.split())
+    text = " ".join(done.stderr.split())  # the progress
     assert "[1/2] optimizer=adamw seed 0: finished before, skipped" in text
     assert "Resuming" in text
     assert (first / "eval.json").stat().st_mtime_ns == first_eval

@@ -356,11 +356,11 @@ def test_killing_one_process_stops_the_other_and_both_resume(tiny_folder, tmp_pa
     assert not (run / "eval.json").exists(), "the run finished before it was killed"
 
     port = _free_port()
-    (s0, out0, e0), (s1, out1, e1) = _finish(
+    (s0, _, e0), (s1, _, e1) = _finish(
         [spawn(_train_cmd(tiny_folder, run, port, i)) for i in (0, 1)]
     )
     assert s0 == 0 and s1 == 0, e0 + e1
-    assert "Resuming" in out0 and "Resuming" not in out1  # only process 0 reports
+    assert "Resuming" in e0 and "Resuming" not in e1  # only process 0 reports
     rows = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3]
     final = json.loads((run / "eval.json").read_text())

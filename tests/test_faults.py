@@ -170,7 +170,7 @@ def test_ctrl_c_with_worker_processes_saves_a_checkpoint_and_resumes_exactly(
         cmd, env=_child_env(), capture_output=True, text=True, timeout=CHILD_LIMIT_S
     )
     assert done.returncode == 0, done.stderr
-    assert f"Resuming {workdir} at step {step}/15." in done.stdout
+    assert f"Resuming {workdir} at step {step}/15." in done.stderr
     assert_same_run(straight, workdir)
 
 
@@ -234,7 +234,7 @@ def test_sigkill_during_an_async_checkpoint_save_then_resume_is_bit_identical(
         cmd, env=_child_env(), capture_output=True, text=True, timeout=CHILD_LIMIT_S
     )
     assert done.returncode == 0, done.stderr
-    assert f"Resuming {workdir} at step {complete[-1]}/15." in done.stdout
+    assert f"Resuming {workdir} at step {complete[-1]}/15." in done.stderr
     assert_same_run(straight, workdir)
 
 
@@ -251,7 +251,7 @@ def test_resume_from_a_mid_epoch_checkpoint_rebuilds_metrics_exactly_once(
     (workdir / "metrics.jsonl").write_text(rows[0] + "\n" + rows[2] + "\n")
     capsys.readouterr()
     assert main(_train_args(tiny_folder, workdir)) == 0
-    assert f"Resuming {workdir} at step 14/15." in " ".join(capsys.readouterr().out.split())
+    assert f"Resuming {workdir} at step 14/15." in " ".join(capsys.readouterr().err.split())
     assert_same_run(straight, workdir)
 
 
@@ -285,7 +285,7 @@ def test_skip_nonfinite_skips_bad_updates_and_finishes_with_a_finite_model(
     assert main(_train_args(tiny_folder, workdir, *blow_up, "--skip-nonfinite")) == 0
     last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["skipped_updates"] > 0
-    assert "non-finite update(s)" in capsys.readouterr().out
+    assert "non-finite update(s)" in capsys.readouterr().err
     # The skipped steps' BatchNorm statistics are not applied either.
     assert all(np.all(np.isfinite(x)) for x in _leaves(workdir))
 

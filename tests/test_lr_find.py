@@ -43,13 +43,14 @@ def test_train_lr_auto_records_the_suggestion_and_shows_the_plot(tiny_folder, tm
     run = tmp_path / "auto"
     argv = ["train", "--data", str(tiny_folder), "--workdir", str(run), "--epochs", "1", *FAST]
     assert main([*argv, "--lr", "auto"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert out.strip() == str(run)  # the result; the progress goes to stderr
     found = json.loads((run / "lr_find.json").read_text())
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["lr"] == found["suggestion"] and cfg["lr"] != 3e-3
     assert cfg["lr_find"]["requested"] == "auto"
     assert cfg["lr_find"]["suggestion"] == found["suggestion"]
-    assert "Suggested --lr" in out and "valley" in out
+    assert "Suggested --lr" in err and "valley" in err
     assert (run / "lr_find.png").exists()
     assert "Learning-rate finder" in (run / "report.html").read_text()
     # The peak of the one-cycle schedule is the suggestion: the first epoch's lr is below it.
@@ -58,16 +59,17 @@ def test_train_lr_auto_records_the_suggestion_and_shows_the_plot(tiny_folder, tm
 
     # Running the same command again reuses the suggestion instead of sweeping again.
     assert main([*argv, "--lr", "auto"]) == 0
-    assert "found before" in capsys.readouterr().out
+    assert "found before" in capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["lr"] == found["suggestion"]
 
 
 def test_lr_find_command_prints_the_rule_and_refuses_a_bad_sweep(tiny_folder, tmp_path, capsys):
     argv = ["lr-find", "--data", str(tiny_folder), "--workdir", str(tmp_path / "f"), *FAST]
     assert main([*argv, "--steps", "20"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     suggestion = json.loads((tmp_path / "f" / "lr_find.json").read_text())["suggestion"]
-    assert f"Suggested --lr {suggestion:.2e}" in " ".join(out.split())
+    assert f"Suggested --lr {suggestion:.2e}" in " ".join(err.split())
+    assert out == f"{suggestion:.2e}\n"  # the result alone on stdout
     assert main([*argv, "--start-lr", "1", "--end-lr", "0.1"]) == 2
     assert "--start-lr 1 / --end-lr 0.1: need 0 < start < end" in capsys.readouterr().err
 

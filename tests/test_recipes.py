@@ -255,7 +255,7 @@ def test_training_with_mixup_and_tta_and_the_simpsons_preset(tiny_folder, tmp_pa
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["image_size"] for r in rows] == [[24, 24], [32, 32]]
     # The preset asks for bfloat16 products: the header says when this CPU cannot give them.
-    header = " ".join(capsys.readouterr().out.split())
+    header = " ".join(capsys.readouterr().err.split())
     fallback = onednn.available() and not onednn.bf16_supported()
     assert ("needs a CPU with AVX512_BF16 or AMX" in header) == fallback
     result = json.loads((workdir / "eval.json").read_text())
@@ -267,17 +267,17 @@ def test_the_simpsons_preset_scales_its_early_epochs_with_epochs_unless_they_are
 ):
     missing = ["--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "run")]
     assert main(["train", "--preset", "simpsons", "--epochs", "30", *missing]) == 2
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert "--early-epochs 18 of --epochs 30" in out and '"early_epochs": 18' in out
     zero = ["--epochs", "30", "--early-epochs", "0", *missing]
     assert main(["train", "--preset", "simpsons", *zero]) == 2
-    assert '"early_epochs": 0' in " ".join(capsys.readouterr().out.split())
+    assert '"early_epochs": 0' in " ".join(capsys.readouterr().err.split())
     one = ["--epochs", "1", *missing]  # at least the last epoch at full size
     assert main(["train", "--preset", "simpsons", *one]) == 2
-    assert '"early_epochs": 0' in " ".join(capsys.readouterr().out.split())
+    assert '"early_epochs": 0' in " ".join(capsys.readouterr().err.split())
     # The preset's own length is left as it is.
     assert main(["train", "--preset", "simpsons", *missing]) == 2
-    assert '"early_epochs": 60' in " ".join(capsys.readouterr().out.split())
+    assert '"early_epochs": 60' in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.parametrize("name", ["seed", "simpsons"])
@@ -344,13 +344,13 @@ def test_early_stop_ends_the_run_and_a_rerun_stays_stopped(tiny_folder, tmp_path
     args += ["--image-size", "32", "32", "--batch-size", "8", "--workers", "0", "--epochs", "6"]
     args += ["--lr", "0", "--schedule", "constant", "--early-stop", "2", "--no-report"]
     assert main([*args, "--no-tensorboard"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "Stopped early after epoch 3" in out and "at epoch 1" in out
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert main([*args, "--no-tensorboard"]) == 0
     rows = (workdir / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 3 and "Stopped early after epoch 3" in capsys.readouterr().out
+    assert len(rows) == 3 and "Stopped early after epoch 3" in capsys.readouterr().err
     assert main([*args[:-3], "--early-stop", "-1"]) == 2
 
 
@@ -419,7 +419,7 @@ def test_training_with_early_size_then_full_size(tiny_folder, tmp_path, capsys):
     args += ["--image-size", "32", "32", "--batch-size", "8", "--workers", "0"]
     args += ["--early-size", "16", "24", "--early-epochs", "1"]
     assert main(args) == 0  # with TensorBoard files and the report, as a user runs it
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert "at 32x32 (the first 1 epochs at 16x24)" in out
     saved = json.loads((workdir / "config.json").read_text())
     assert (saved["early_size"], saved["early_epochs"]) == ([16, 24], 1)

@@ -15,9 +15,11 @@ The Python API (each name is imported on first use, so ``import springfield`` st
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+# One version, pyproject.toml's, as installed.
+__version__ = importlib.metadata.version("springfield")
 
 if TYPE_CHECKING:
     from springfield.api import Run, compare, lr_find, train

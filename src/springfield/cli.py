@@ -32,6 +32,10 @@ from springfield.errors import Interrupted, SpringfieldError
 from springfield.paths import printable
 from springfield.runtime import process_start, reexec_with_malloc_env, setup_runtime
 
+# Progress and logs go to stderr, results (tables, JSON, paths) to stdout, so a command's
+# output can be piped or captured while its progress stays on the terminal.
+_log = Console(stderr=True)
+
 USAGE = """usage: springfield {train,eval,predict,report,lr-find,compare,export,serve} [--help]
        springfield --version
 
@@ -97,64 +101,80 @@ _PRESETS_HELP = (
     "momentum 0.9, lr 0.01, L2 5e-4, 50 epochs); --preset simpsons is the recommended recipe "
     "for real frames and drawings of the characters (docs/results.md); --preset "
     "simpsons-quick is the same recipe in 72 epochs without --style, about 10 minutes on 2 "
-    "cores for all six classes. Other flags still override a preset."
+    "cores for all six classes. --config FILE: the settings of a JSON or YAML file of "
+    "train flags (a run's own config.json reruns that run). Flags override both."
 )
 
 
-def _split_preset(argv: list[str]) -> tuple[str | None, list[str]]:
-    """``--preset NAME`` out of ``argv``, and the other arguments."""
-    preset = None
+def _split_off(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """The value of ``flag`` (``--flag V`` or ``--flag=V``) out of ``argv``, and the other
+    arguments."""
+    value = None
     rest: list[str] = []
     it = iter(argv)
     for a in it:
-        if a == "--preset":
-            preset = next(it, None)
-            if preset is None:
-                raise SpringfieldError("--preset needs a name, e.g. --preset seed.")
-        elif a.startswith("--preset="):
-            preset = a.split("=", 1)[1]
+        if a == flag:
+            value = next(it, None)
+            if value is None:
+                raise SpringfieldError(f"{flag} needs a value, e.g. {flag} {_EXAMPLE[flag]}.")
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
         else:
             rest.append(a)
-    return preset, rest
+    return value, rest
 
 
-def _with_preset(cls: type, preset: str | None):
-    """An instance of ``cls`` (TrainConfig or a subclass) holding ``preset``'s settings."""
-    from springfield.config import preset_config
-
-    base = preset_config(preset)
-    return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+_EXAMPLE = {"--preset": "seed", "--config": "runs/a/config.json"}
 
 
-def _as_train_config(args: TrainConfig) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+def _train_flags(cls: type, argv: list[str], prog: str):
+    """``springfield train``'s flags (and those of ``cls``, a TrainConfig subclass) from
+    ``argv``: the defaults, then ``--preset``'s, then ``--config FILE``'s, then the flags.
+    Returns the parsed ``cls``, the TrainConfig to run (a preset's early epochs scaled to
+    ``--epochs``), the preset and the settings typed (flags and the file's). Every command
+    that takes train flags resolves them here."""
+    from springfield.config import base_config, scale_early_epochs
 
-
-def _train(argv: list[str], console: Console) -> None:
-    from springfield.config import preset_config, scale_early_epochs
-    from springfield.training.loop import train
-
-    preset, rest = _split_preset(argv)
-    cfg = tyro.cli(
-        TrainConfig,
+    preset, rest = _split_off(argv, "--preset")
+    file, rest = _split_off(rest, "--config")
+    base = base_config(preset, None if file is None else Path(file))
+    args = tyro.cli(
+        cls,
         args=rest,
-        default=preset_config(preset),
-        prog="springfield train",
-        description=(TrainConfig.__doc__ or "") + _PRESETS_HELP,
+        default=cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}),
+        prog=prog,
+        description=(cls.__doc__ or "") + _PRESETS_HELP,
     )
-    scaled = scale_early_epochs(cfg, preset, rest)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    # Settings the config file gives count as typed: a rerun keeps its early epochs.
+    typed = rest if file is None else [*rest, *(f"--{k}" for k in _file_keys(Path(file)))]
+    scaled = scale_early_epochs(cfg, preset, typed)
     if scaled.early_epochs != cfg.early_epochs:
-        console.print(
+        _log.print(
             f"--preset {preset}: --early-epochs {scaled.early_epochs} of --epochs "
             f"{scaled.epochs} (the preset's share of its epochs)."
         )
-    cfg = scaled
-    console.print_json(
+    return args, scaled, preset, typed
+
+
+def _file_keys(file: Path) -> list[str]:
+    from springfield.config import read_config_file
+
+    return [k.replace("_", "-") for k in read_config_file(file)]
+
+
+def _train(argv: list[str], console: Console) -> None:
+    from springfield.training.loop import train
+
+    cfg = _train_flags(TrainConfig, argv, "springfield train")[1]
+    _log.print_json(
         json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
         )
     )
-    train(cfg, console=console, started=process_start())
+    workdir = train(cfg, console=_log, started=process_start())
+    # The result on stdout: the run folder, for scripts (run=$(springfield train ...)).
+    print(workdir)
 
 
 def _write_report(trained, split, predictions, result, out_dir: Path, *, samples: bool) -> Path:
@@ -196,7 +216,7 @@ def _eval(argv: list[str], console: Console) -> None:
     args = tyro.cli(EvalArgs, args=argv, prog="springfield eval")
     trained = load_run(args.run, allow_import=args.allow_import)
     split, predictions, result = evaluate_data(
-        trained, args.data, args.batch_size, None if args.json else console
+        trained, args.data, args.batch_size, None if args.json else _log
     )
     if args.report is not None:
         page = _write_report(trained, split, predictions, result, args.report, samples=False)
@@ -239,7 +259,7 @@ def _report(argv: list[str], console: Console) -> None:
 
     args = tyro.cli(ReportArgs, args=argv, prog="springfield report")
     trained = load_run(args.run, allow_import=args.allow_import)
-    split, predictions, result = evaluate_data(trained, None, args.batch_size, console)
+    split, predictions, result = evaluate_data(trained, None, args.batch_size, _log)
     page = _write_report(trained, split, predictions, result, trained.run_dir, samples=True)
     console.print(f"Report: {page}")
 
@@ -315,18 +335,10 @@ def _predict(argv: list[str], console: Console) -> None:
 
 def _lr_find(argv: list[str], console: Console) -> None:
     from springfield.api import lr_find
-    from springfield.config import scale_early_epochs
 
-    preset, rest = _split_preset(argv)
-    args = tyro.cli(
-        LrFindArgs,
-        args=rest,
-        default=_with_preset(LrFindArgs, preset),
-        prog="springfield lr-find",
-        description=(LrFindArgs.__doc__ or "") + _PRESETS_HELP,
-    )
-    cfg = scale_early_epochs(_as_train_config(args), preset, rest)
-    lr_find(cfg, console=console, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+    args, cfg, _, _ = _train_flags(LrFindArgs, argv, "springfield lr-find")
+    found = lr_find(cfg, console=_log, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+    print(f"{found.suggestion:.2e}")
 
 
 def _compare(argv: list[str], console: Console) -> None:
@@ -335,22 +347,16 @@ def _compare(argv: list[str], console: Console) -> None:
 
     from springfield.comparison import compare, variants_from_flags
 
-    preset, rest = _split_preset(argv)
-    args = tyro.cli(
-        CompareArgs,
-        args=rest,
-        default=_with_preset(CompareArgs, preset),
-        prog="springfield compare",
-        description=(CompareArgs.__doc__ or "") + _PRESETS_HELP,
-    )
+    args, cfg, preset, typed = _train_flags(CompareArgs, argv, "springfield compare")
     if not args.vary:
         raise SpringfieldError(
             "compare: give at least one --vary NAME=V1,V2 (e.g. --vary activation=relu,gelu)."
         )
     workdir = args.workdir or Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    base = dataclasses.replace(_as_train_config(args), workdir=None)
-    variants = variants_from_flags(base, args.vary, preset=preset, typed=rest)
-    console.print(
+    variants = variants_from_flags(
+        dataclasses.replace(cfg, workdir=None), args.vary, preset=preset, typed=typed
+    )
+    _log.print(
         f"Comparing {len(variants)} variant(s) x {len(args.seeds or (args.seed,))} seed(s) "
         f"in {workdir} (run the same command again to resume)."
     )
@@ -358,8 +364,9 @@ def _compare(argv: list[str], console: Console) -> None:
         variants,
         args.seeds or (args.seed,),
         workdir,
-        console=console,
+        console=_log,
         command=shlex.join(["springfield", "compare", *argv]),
+        results=console,
     )
 
 
@@ -385,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from springfield import __version__
+
+        print(f"springfield {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         Console(stderr=True).print(f"[red]error:[/] unknown command {command!r}.\n{USAGE}")

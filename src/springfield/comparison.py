@@ -188,9 +188,11 @@ def compare(
     console: Any = None,
     train: Callable[[TrainConfig], Path] | None = None,
     command: str | None = None,
+    results: Any = None,
 ) -> dict:
     """Train (or skip, or resume) every run, then write the summary files; returns
-    ``summary.json``'s content."""
+    ``summary.json``'s content. Progress goes to ``console``, the summary table to
+    ``results`` (default: ``console``)."""
     from springfield.training.run_folder import make_workdir
 
     if not variants:
@@ -231,8 +233,9 @@ def compare(
     summary["command"] = command
     write_summary(summary, workdir)
     say(f"Summary: {workdir / 'summary.md'}, {workdir / 'compare.html'}")
-    if console is not None:
-        console.print(summary_table(summary))
+    results = results or console
+    if results is not None:
+        results.print(summary_table(summary))
     return summary
 
 

@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 
 def default_workers() -> int:
@@ -271,3 +271,81 @@ def save_json(obj: object, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings in ``path`` (``--config``): a JSON object, or YAML mapping for a file
+    ending in .yaml/.yml, of TrainConfig fields, e.g. a run's own ``config.json``. Each key
+    must be a field and each value of its type; lists stand for tuples."""
+    from springfield.errors import SpringfieldError
+
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpringfieldError(f"--config {path}: cannot read it ({e.strerror}).") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise SpringfieldError(
+                f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); or write "
+                "the file as JSON."
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SpringfieldError(f"--config {path}: not valid YAML ({e}).") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpringfieldError(
+                f"--config {path}: not valid JSON ({e}); YAML files must end in .yaml or .yml."
+            ) from None
+    if not isinstance(data, dict):
+        raise SpringfieldError(
+            f'--config {path}: must hold a mapping of settings, e.g. {{"epochs": 3}}.'
+        )
+    return _checked_settings(data, f"--config {path}")
+
+
+def _checked_settings(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` as TrainConfig field values (lists as tuples, paths as Path), or a
+    SpringfieldError naming ``source`` and the first unknown key or wrongly typed value."""
+    import difflib
+    import typing
+
+    import typeguard
+
+    from springfield.errors import SpringfieldError
+
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for key, value in data.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), hints, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpringfieldError(
+                f"{source}: {key!r} is not a setting{hint}; springfield train --help lists them."
+            )
+        if isinstance(value, list):
+            value = tuple(value)
+        if key in ("data", "workdir") and isinstance(value, str):
+            value = Path(value)
+        try:
+            typeguard.check_type(value, hints[key])
+        except typeguard.TypeCheckError:
+            raise SpringfieldError(
+                f"{source}: {key}={value!r} is not a value of --{key.replace('_', '-')} "
+                f"({hints[key]}); see springfield train --help."
+            ) from None
+        out[key] = value
+    return out
+
+
+def base_config(preset: str | None = None, file: Path | None = None) -> TrainConfig:
+    """The settings that command-line flags start from: the defaults, then ``--preset``'s
+    (:data:`PRESETS`), then those of ``--config`` ``file``. The one place a preset or a
+    config file turns into a :class:`TrainConfig`."""
+    cfg = preset_config(preset)
+    return cfg if file is None else dataclasses.replace(cfg, **read_config_file(file))
