@@ -156,7 +156,7 @@ def drawn_accuracy(run: Path, per_class: dict) -> float | None:
     four classes."""
     from springfield.data.prepare import resolve_data_root
     from springfield.data.synthetic import CLASSES
-    from springfield.evaluate import evaluate_data, load_run
+    from springfield.trained_run import evaluate_data, load_run
 
     if not set(CLASSES) <= set(per_class):
         return None

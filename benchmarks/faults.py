@@ -11,7 +11,7 @@ its grain worker processes must then exit on their own.
 
 Just before each kill the script asks the trainer for a stack dump (faulthandler, SIGUSR1)
 and prints where the kill landed. At the end it loads both runs with
-``springfield.evaluate.load_run`` and compares every parameter and BatchNorm leaf with
+``springfield.trained_run.load_run`` and compares every parameter and BatchNorm leaf with
 ``np.array_equal``, ``eval.json``, and ``metrics.jsonl`` (minus timings). The last line reads
 ``survived K/N kills; final parameters identical: yes|no``.
 
@@ -201,8 +201,8 @@ def same_parameters(a: Path, b: Path) -> tuple[bool, int]:
     """Whether every parameter and BatchNorm leaf of runs ``a`` and ``b`` is bit-identical."""
     import jax
 
-    from springfield.evaluate import load_run
     from springfield.runtime import setup_runtime
+    from springfield.trained_run import load_run
 
     setup_runtime()
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from springfield.cli import main
-from springfield.evaluate import load_run
+from springfield.trained_run import load_run
 
 FAST = [
     "--image-size",

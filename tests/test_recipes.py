@@ -17,18 +17,18 @@ from springfield.cli import main
 from springfield.config import preset_config
 from springfield.data.augment import _colour_jitter, make_augment
 from springfield.data.pipeline import to_iterator, train_dataset
-from springfield.evaluate import load_run
 from springfield.models import build_model
 from springfield.models.ensemble import Ensemble
+from springfield.trained_run import load_run
 from springfield.training import checkpoint
 from springfield.training.optim import averaged_params, params_ema
 from springfield.training.steps import (
-    _normalise,
     cutmix,
     init_state,
     make_eval_step,
     make_train_step,
     mixup,
+    preprocess,
 )
 
 
@@ -116,7 +116,7 @@ def test_ensemble_members_learn_from_their_own_losses_and_predict_together():
     # Different initial weights (BatchNorm's ones and zeros aside).
     assert not any(np.allclose(u, v) for u, v in zip(a, b, strict=True) if u.ndim > 1)
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
-    x = _normalise(jnp.asarray(images))
+    x = preprocess(jnp.asarray(images))
     assert model(x, train=True).shape == (2, 4, 3)
     expected = 0.5 * sum(jax.nn.log_softmax(m(x, train=False)) for m in model.members)
     np.testing.assert_allclose(model(x, train=False), expected, rtol=1e-5, atol=1e-6)
@@ -204,7 +204,7 @@ def test_tta_averages_the_logits_of_the_image_and_its_mirror():
     batch = {"image": images, "label": np.zeros(2, np.int32), "mask": np.ones(2, np.float32)}
     plain, _ = make_eval_step(graphdef)(params, rest, batch)
     both, _ = make_eval_step(graphdef, tta=True)(params, rest, batch)
-    mirrored = model(_normalise(jnp.asarray(images[:, :, ::-1])), train=False)
+    mirrored = model(preprocess(jnp.asarray(images[:, :, ::-1])), train=False)
     np.testing.assert_allclose(both, 0.5 * (plain + mirrored), rtol=1e-4, atol=1e-5)
     assert not np.allclose(both, plain)
 

@@ -57,7 +57,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".ti
 
 
 def _export(argv: list[str], console: Console) -> None:
-    from springfield.export import export_run
+    from springfield.export_writer import export_run
 
     args = tyro.cli(ExportArgs, args=argv, prog="springfield export")
     meta = export_run(
@@ -211,7 +211,7 @@ def _write_report(trained, split, predictions, result, out_dir: Path, *, samples
 
 
 def _eval(argv: list[str], console: Console) -> None:
-    from springfield.evaluate import evaluate_data, load_run
+    from springfield.trained_run import evaluate_data, load_run
 
     args = tyro.cli(EvalArgs, args=argv, prog="springfield eval")
     trained = load_run(args.run, allow_import=args.allow_import)
@@ -255,7 +255,7 @@ def _eval(argv: list[str], console: Console) -> None:
 
 
 def _report(argv: list[str], console: Console) -> None:
-    from springfield.evaluate import evaluate_data, load_run
+    from springfield.trained_run import evaluate_data, load_run
 
     args = tyro.cli(ReportArgs, args=argv, prog="springfield report")
     trained = load_run(args.run, allow_import=args.allow_import)

@@ -360,7 +360,7 @@ def summary_table(summary: dict):
 
 def write_summary(summary: dict, workdir: Path) -> None:
     """``summary.json``, ``summary.md``, ``curves.png`` and ``compare.html`` in ``workdir``."""
-    from springfield.report.compare import plot_compare_curves, write_compare_html
+    from springfield.report.comparison_page import plot_compare_curves, write_compare_html
 
     save_json({k: v for k, v in summary.items()}, workdir / "summary.json")
     header, rows = summary_rows(summary)

@@ -190,7 +190,7 @@ class Classifier:
                 f"{self.source}: an exported model predicts only; evaluate its run folder "
                 f"({self._info.get('run') or 'the one it was exported from'})."
             )
-        from springfield.evaluate import evaluate_data
+        from springfield.trained_run import evaluate_data
 
         _, _, result = evaluate_data(
             self._trained, None if folder is None else Path(folder), batch_size
@@ -211,7 +211,7 @@ def _accuracy(run_dir: Path) -> float | None:
 
 
 def classifier_of_run(trained: Any, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> Classifier:
-    """A :class:`Classifier` of a restored run (:func:`springfield.evaluate.load_run`)."""
+    """A :class:`Classifier` of a restored run (:func:`springfield.trained_run.load_run`)."""
     from springfield.training.steps import make_eval_step
 
     step = make_eval_step(trained.graphdef, tta=trained.config.tta)
@@ -245,7 +245,7 @@ def classifier_of_run(trained: Any, batch_sizes: Sequence[int] = DEFAULT_BATCH_S
 def classifier_of_export(
     exported: Any, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES
 ) -> Classifier:
-    """A :class:`Classifier` of a folder read by :func:`springfield.exported.load_export`."""
+    """A :class:`Classifier` of a folder read by :func:`springfield.export_reader.load_export`."""
     meta = exported.meta
     info = {
         "source": str(exported.path),
@@ -303,7 +303,7 @@ def load(
         SpringfieldError: not a run or exported folder, no complete checkpoint, or files that
             disagree.
     """
-    from springfield.exported import is_export_dir, load_export
+    from springfield.export_reader import is_export_dir, load_export
 
     if batch_sizes is None:
         batch_sizes = [b for b in DEFAULT_BATCH_SIZES if b < batch_size] + [batch_size]
@@ -314,7 +314,7 @@ def load(
             f"{path}: not a springfield run folder (no config.json) nor an exported model (no "
             "export.json). Pass the --workdir of a train run, or a folder from springfield export."
         )
-    from springfield.evaluate import load_run
+    from springfield.trained_run import load_run
 
     return classifier_of_run(load_run(Path(path), allow_import=allow_import), batch_sizes)
 

@@ -138,7 +138,7 @@ def xla_convolutions() -> Iterator[None]:
     """Models built inside use plain ``lax.conv_general_dilated`` for every convolution, as
     with ``SPRINGFIELD_CONV=lax``: no oneDNN custom call, whose FFI target exists only in a
     process that loaded springfield's kernels, so that ``jax.export`` can serialise the model
-    for any machine (:mod:`springfield.export`)."""
+    for any machine (:mod:`springfield.export_writer`)."""
     token = _XLA_ONLY.set(True)
     try:
         yield

@@ -44,7 +44,7 @@ _MAX_LABEL_CHARS = 24
 _MAX_CAPTION_CHARS = 36
 
 
-def _plain(text: object) -> str:
+def plain_text(text: object) -> str:
     """Return ``text`` as a string matplotlib draws literally.
 
     Class names and file names come from the user's folder names; a pair of ``$`` would otherwise
@@ -57,7 +57,7 @@ def _shorten(text: str, limit: int = _MAX_LABEL_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -106,9 +106,9 @@ def _series(history: Sequence[Mapping[str, object]], key: str) -> tuple[list[int
 
 
 def _message_figure(message: str, *, title: str | None = None) -> Figure:
-    fig = _new_figure(6, 2.5)
+    fig = new_figure(6, 2.5)
     if title:
-        fig.suptitle(_plain(title), fontsize=13, fontweight="bold")
+        fig.suptitle(plain_text(title), fontsize=13, fontweight="bold")
     fig.text(0.5, 0.45, message, ha="center", va="center", fontsize=14, color="#555555")
     return fig
 
@@ -128,7 +128,7 @@ def plot_curves(history: Sequence[Mapping[str, object]], path: Path) -> Path:
     if not history:
         return save_figure(_message_figure("no epochs finished yet", title="training curves"), path)
 
-    fig = _new_figure(11, 4.2)
+    fig = new_figure(11, 4.2)
     ax_loss, ax_acc = fig.subplots(1, 2)
     n_epochs = len(history)
     # Markers help a handful of epochs (one epoch would otherwise be invisible) and only
@@ -242,12 +242,12 @@ def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path) ->
     # Row-normalised so that small classes are as visible as large ones; empty rows stay white.
     norm = np.divide(cm, row_sums, out=np.zeros(cm.shape, dtype=np.float64), where=row_sums > 0)
 
-    labels = [_plain(_shorten(str(c))) for c in classes]
+    labels = [plain_text(_shorten(str(c))) for c in classes]
     longest = max(len(lbl) for lbl in labels)
     cell = 0.42 if n <= 20 else 0.32
     label_room = min(longest, _MAX_LABEL_CHARS) * 0.075 + 0.8
     side = max(4.5, n * cell) + label_room
-    fig = _new_figure(side + 1.2, side)
+    fig = new_figure(side + 1.2, side)
     ax = fig.add_subplot()
     image = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     cbar = fig.colorbar(image, ax=ax, shrink=0.8, format=PercentFormatter(xmax=1.0, decimals=0))
@@ -361,7 +361,7 @@ def plot_image_grid(
     cell_w = 2.3
     cell_h = 2.0 + 0.19 * caption_lines + 0.15
     title_h = 0.45 if title else 0.0
-    fig = _new_figure(max(cols * cell_w, 4.0), rows * cell_h + title_h)
+    fig = new_figure(max(cols * cell_w, 4.0), rows * cell_h + title_h)
     fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes:
@@ -374,7 +374,7 @@ def plot_image_grid(
         ax.text(
             0.5,
             -0.03,
-            _plain(caption),
+            plain_text(caption),
             transform=ax.transAxes,
             ha="center",
             va="top",
@@ -382,5 +382,5 @@ def plot_image_grid(
             linespacing=1.2,
         )
     if title:
-        fig.suptitle(_plain(title), fontsize=13, fontweight="bold")
+        fig.suptitle(plain_text(title), fontsize=13, fontweight="bold")
     return save_figure(fig, path)

@@ -47,7 +47,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Long skip lists (a folder full of .DS_Store or broken files) would bury the rest of the page.
 _MAX_SKIPPED_ROWS = 200
 
-_CSS = """
+PAGE_CSS = """
 :root { --fg: #1d2330; --muted: #5b6475; --line: #dde2ea; --bg: #f6f7f9; --accent: #2b6cb0;
         --bar: #cfe0f5; --bad: #fbe3e3; }
 * { box-sizing: border-box; }
@@ -90,7 +90,7 @@ footer { color: var(--muted); font-size: 12px; text-align: center; }
 """
 
 
-def _e(value: object) -> str:
+def escape(value: object) -> str:
     """HTML-escape ``value`` as text or attribute content."""
     return html.escape(str(value), quote=True)
 
@@ -103,18 +103,18 @@ def _fmt(value: object) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
-            return _e(value)
+            return escape(value)
         # Four significant digits: enough to compare runs, few enough to scan a column.
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
-            return _e(f"{value:.3e}")
-        return _e(f"{value:.4g}")
+            return escape(f"{value:.3e}")
+        return escape(f"{value:.4g}")
     if isinstance(value, list | tuple):
         if all(not isinstance(v, Mapping | list | tuple) for v in value):
             return ", ".join(_fmt(v) for v in value) or '<span class="muted">(empty)</span>'
-        return f"<code>{_e(json.dumps(value, default=str))}</code>"
+        return f"<code>{escape(json.dumps(value, default=str))}</code>"
     if isinstance(value, Mapping):
-        return f"<code>{_e(json.dumps(value, default=str))}</code>"
-    return _e(value)
+        return f"<code>{escape(json.dumps(value, default=str))}</code>"
+    return escape(value)
 
 
 def _flatten(data: Mapping[str, object], prefix: str = "") -> Iterable[tuple[str, object]]:
@@ -129,7 +129,7 @@ def _flatten(data: Mapping[str, object], prefix: str = "") -> Iterable[tuple[str
 
 def _kv_table(data: Mapping[str, object]) -> str:
     rows = [
-        f'<tr><td class="key">{_e(k)}</td><td class="val">{_fmt(v)}</td></tr>'
+        f'<tr><td class="key">{escape(k)}</td><td class="val">{_fmt(v)}</td></tr>'
         for k, v in _flatten(data)
     ]
     if not rows:
@@ -149,7 +149,7 @@ def _num(value: object) -> float | None:
     return None
 
 
-def _embedded_figure(run_dir: Path, name: str, heading: str, caption: str) -> str | None:
+def embedded_figure(run_dir: Path, name: str, heading: str, caption: str) -> str | None:
     """Return a <figure> with ``run_dir/name`` inlined, or None if it is absent or not a PNG."""
     path = run_dir / name
     try:
@@ -161,9 +161,9 @@ def _embedded_figure(run_dir: Path, name: str, heading: str, caption: str) -> st
         return None
     b64 = base64.b64encode(data).decode("ascii")
     return (
-        f"<figure><h3>{_e(heading)}</h3>"
-        f'<img src="data:image/png;base64,{b64}" alt="{_e(heading)} ({_e(name)})">'
-        f"<figcaption>{_e(caption)} <code>{_e(name)}</code></figcaption></figure>"
+        f"<figure><h3>{escape(heading)}</h3>"
+        f'<img src="data:image/png;base64,{b64}" alt="{escape(heading)} ({escape(name)})">'
+        f"<figcaption>{escape(caption)} <code>{escape(name)}</code></figcaption></figure>"
     )
 
 
@@ -186,7 +186,7 @@ def _summary_cards(eval_result: Mapping | None, history: Sequence[Mapping]) -> s
     if not cards:
         return ""
     body = "".join(
-        f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>'
+        f'<div class="card"><div class="v">{escape(v)}</div><div class="k">{escape(k)}</div></div>'
         for v, k in cards
     )
     return f'<div class="cards">{body}</div>'
@@ -216,7 +216,7 @@ def _dataset_section(dataset: Mapping) -> str:
     parts = [_kv_table(facts)]
     if classes:
         rows = "".join(
-            f"<tr><td>{_e(c)}</td><td class='num'>{_fmt(train.get(c, 0))}</td>"
+            f"<tr><td>{escape(c)}</td><td class='num'>{_fmt(train.get(c, 0))}</td>"
             f"<td class='num'>{_fmt(val.get(c, 0))}</td></tr>"
             for c in classes
         )
@@ -229,8 +229,8 @@ def _dataset_section(dataset: Mapping) -> str:
     if skipped:
         shown = skipped[:_MAX_SKIPPED_ROWS]
         rows = "".join(
-            f"<tr><td><code>{_e(item.get('path', '') if isinstance(item, Mapping) else item)}"
-            f"</code></td><td>{_e(item.get('reason', '') if isinstance(item, Mapping) else '')}"
+            f"<tr><td><code>{escape(item.get('path', '') if isinstance(item, Mapping) else item)}"
+            f"</code></td><td>{escape(item.get('reason', '') if isinstance(item, Mapping) else '')}"
             "</td></tr>"
             for item in shown
         )
@@ -283,7 +283,7 @@ def _eval_section(eval_result: Mapping | None) -> str:
         # Flag the classes that need attention; 0.5 F1 is where a class is mostly wrong.
         low = " class='low'" if f1 is not None and f1 < 0.5 else ""
         rows.append(
-            f"<tr{low}><td class='name'>{_e(name)}</td>{''.join(cells)}"
+            f"<tr{low}><td class='name'>{escape(name)}</td>{''.join(cells)}"
             f"<td class='num'>{_fmt(support)}</td></tr>"
         )
     if names:
@@ -326,7 +326,7 @@ def _history_section(history: Sequence[Mapping]) -> str:
     if not history:
         return ""
     columns = list(dict.fromkeys(k for row in history for k in row))
-    head = "".join(f"<th class='num'>{_e(c)}</th>" for c in columns)
+    head = "".join(f"<th class='num'>{escape(c)}</th>" for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<td class='num'>{_fmt(row.get(c))}</td>" for c in columns) + "</tr>"
         for row in history
@@ -383,7 +383,7 @@ def write_report_html(
     figures = [
         fig
         for name, heading, caption in FIGURES
-        if (fig := _embedded_figure(run_dir, name, heading, caption)) is not None
+        if (fig := embedded_figure(run_dir, name, heading, caption)) is not None
     ]
     figures_html = (
         "<section><h2>Figures</h2>" + "".join(figures) + "</section>"
@@ -399,14 +399,14 @@ def write_report_html(
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; \
 style-src 'unsafe-inline'">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)}</title>
-<style>{_CSS}</style>
+<title>{escape(title)}</title>
+<style>{PAGE_CSS}</style>
 </head>
 <body>
 <main>
 <header>
-<h1>{_e(title)}</h1>
-<div class="run">{_e(run_dir.resolve())}</div>
+<h1>{escape(title)}</h1>
+<div class="run">{escape(run_dir.resolve())}</div>
 {_summary_cards(eval_result, history)}
 </header>
 {figures_html}
@@ -418,7 +418,7 @@ style-src 'unsafe-inline'">
 <section><h2>Environment</h2>{_kv_table(environment)}</section>
 </div>
 {_history_section(history)}
-<footer>Generated by springfield on {_e(generated)}.</footer>
+<footer>Generated by springfield on {escape(generated)}.</footer>
 </main>
 </body>
 </html>

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from springfield.report.figures import _new_figure, save_figure
+from springfield.report.figures import new_figure, save_figure
 
 
 def plot_lr_find(result: Any, path: Path) -> Path:
@@ -13,7 +13,7 @@ def plot_lr_find(result: Any, path: Path) -> Path:
 
     ``result``: a :class:`springfield.training.lr_find.LrFind` (or anything with its fields).
     """
-    fig = _new_figure(7.5, 4.5)
+    fig = new_figure(7.5, 4.5)
     ax = fig.subplots()
     ax.plot(result.lrs, result.losses, color="#1f77b4", alpha=0.25, lw=1, label="loss")
     ax.plot(result.lrs, result.smoothed, color="#1f77b4", lw=2, label="smoothed loss")

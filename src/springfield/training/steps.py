@@ -46,9 +46,24 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[Any
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state)
 
 
-def _normalise(images: jax.Array) -> jax.Array:
+# The model's input: uint8 pixels mapped to [-1, 1] as x * INPUT_SCALE + INPUT_OFFSET.
+INPUT_SCALE, INPUT_OFFSET = 2.0 / 255.0, -1.0
+
+
+def preprocess(images: jax.Array) -> jax.Array:
+    """uint8 images ``(B, H, W, 3)`` -> the model's float32 input in [-1, 1]; the train and
+    eval steps and the exported model (:mod:`springfield.export_writer`) all use it."""
     # uint8 travels to the device; scaling here fuses into the first convolution's input.
-    return images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    return images.astype(jnp.float32) * INPUT_SCALE + INPUT_OFFSET
+
+
+def inference_logits(model: nnx.Module, x: jax.Array, *, tta: bool) -> jax.Array:
+    """``model``'s logits for the preprocessed images ``x`` in inference mode; ``tta``:
+    test-time augmentation, averaged with those of the mirror images."""
+    logits = model(x, train=False)
+    if tta:
+        logits = 0.5 * (logits + model(x[:, :, ::-1], train=False))
+    return logits
 
 
 def _targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -148,7 +163,7 @@ def make_train_step(
     def loss_fn(params, rest, batch, key):
         # copy=True: fresh Variables at this trace level, so BatchNorm may update its stats.
         model = nnx.merge(graphdef, params, rest, copy=True)
-        x = _normalise(batch["image"])
+        x = preprocess(batch["image"])
         mix_key, drop_key = jax.random.split(key)
         targets = _targets(batch["label"], _num_classes(model), label_smoothing)
         if mixup_alpha > 0 and cutmix_alpha > 0:
@@ -228,10 +243,7 @@ def make_eval_step(graphdef: Any, *, tta: bool = False):
 
     def eval_step(params: Any, rest: Any, batch: dict):
         model = nnx.merge(graphdef, params, rest)
-        x = _normalise(batch["image"])
-        logits = model(x, train=False)
-        if tta:
-            logits = 0.5 * (logits + model(x[:, :, ::-1], train=False))
+        logits = inference_logits(model, preprocess(batch["image"]), tta=tta)
         return logits, _losses(logits, batch["label"], 0.0)
 
     # XLA:CPU's fastest fusion choice depends on the batch size: see eval_compiler_options.

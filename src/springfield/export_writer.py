@@ -4,7 +4,7 @@ The forward pass is serialised with :mod:`jax.export` (StableHLO with a symbolic
 dimension), with the parameters baked in as constants, on XLA's convolutions: the oneDNN
 kernels (:mod:`springfield.kernels.onednn`) are an FFI custom call that exists only in a
 process that built and registered them, so a model that used them would not run anywhere
-else. :mod:`springfield.exported` reads the folder back without the training code.
+else. :mod:`springfield.export_reader` reads the folder back without the training code.
 
 Before writing, the export is run back and compared with the run folder itself on a few
 images: a folder that would not give the run's probabilities (to 1e-5) is never written.
@@ -13,6 +13,7 @@ images: a folder that would not give the run's probabilities (to 1e-5) is never 
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import shutil
@@ -21,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from springfield import __version__
 from springfield.errors import SpringfieldError
-from springfield.exported import (
+from springfield.export_reader import (
     CLASSES_FILE,
     FORMAT,
     FORMAT_VERSION,
@@ -35,32 +35,31 @@ from springfield.exported import (
 )
 
 PLATFORMS = ("cpu", "cuda")
-# The same input scaling as the train and eval steps (training/steps.py's _normalise).
-SCALE, OFFSET = 2.0 / 255.0, -1.0
 TOLERANCE = 1e-5
 
 
 def _forward(trained):
     """``uint8 (B, H, W, 3) -> logits (B, classes)`` of a restored run, parameters closed over
-    (so that the export bakes them in)."""
-    import jax.numpy as jnp
+    (so that the export bakes them in): the eval step's preprocessing and test-time
+    augmentation, the very functions."""
     from flax import nnx
+
+    from springfield.training.steps import inference_logits, preprocess
 
     model = nnx.merge(trained.graphdef, trained.params, trained.rest)
     tta = trained.config.tta
 
     def forward(images):
-        x = images.astype(jnp.float32) * SCALE + OFFSET
-        logits = model(x, train=False)
-        if tta:
-            # The eval step's test-time augmentation: average with the mirror image.
-            logits = 0.5 * (logits + model(x[:, :, ::-1], train=False))
-        return logits
+        return inference_logits(model, preprocess(images), tta=tta)
 
     return forward
 
 
-def _preprocess_spec(image_size: tuple[int, int], tta: bool) -> dict:
+def preprocess_spec(image_size: tuple[int, int], tta: bool) -> dict:
+    """``preprocess.json``: what the images must look like before they go into the model,
+    for programs that do not use springfield's decoder (the numbers are the train step's)."""
+    from springfield.training.steps import INPUT_OFFSET, INPUT_SCALE
+
     h, w = image_size
     return {
         "image_size": [h, w],
@@ -73,8 +72,8 @@ def _preprocess_spec(image_size: tuple[int, int], tta: bool) -> dict:
         "resize": f"bicubic (Pillow, reducing_gap=3) straight to {h}x{w}: no crop, no padding",
         "normalisation": {
             "formula": "x * scale + offset",
-            "scale": SCALE,
-            "offset": OFFSET,
+            "scale": INPUT_SCALE,
+            "offset": INPUT_OFFSET,
             "where": "inside model.jaxexport: feed uint8",
         },
         "tta": {
@@ -105,9 +104,9 @@ def export_run(
     import jax
     from jax import export
 
-    from springfield.evaluate import load_run
     from springfield.inference import classifier_of_run
     from springfield.models.layers import xla_convolutions
+    from springfield.trained_run import load_run
 
     run_dir, out_dir = Path(run_dir).absolute(), Path(out_dir).absolute()
     if out_dir.exists():
@@ -150,15 +149,13 @@ def export_run(
         "source": str(run_dir),
         "platforms": list(exp.platforms),
         "jax_version": jax.__version__,
-        "springfield_version": __version__,
+        "springfield_version": importlib.metadata.version("springfield"),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     files = {
         MODEL_FILE: bytes(exp.serialize()),
         CLASSES_FILE: json.dumps(trained.classes, indent=1).encode(),
-        PREPROCESS_FILE: json.dumps(
-            _preprocess_spec((h, w), trained.config.tta), indent=1
-        ).encode(),
+        PREPROCESS_FILE: json.dumps(preprocess_spec((h, w), trained.config.tta), indent=1).encode(),
         META_FILE: json.dumps(meta, indent=1).encode(),
     }
     # Written next to the target and renamed into place: no half-written export on failure.

@@ -1,4 +1,4 @@
-"""Load a trained run folder; evaluate it on a folder or predict single images.
+"""A trained run folder: load it (:func:`load_run`) and evaluate it on a folder.
 
 Loading reads only JSON and orbax arrays: a run folder can never make springfield execute
 code (a custom ``module:function`` activation is imported only because the user's config
@@ -12,15 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from springfield import runtime
 from springfield.config import TrainConfig, from_json
-from springfield.data.decode import load_rgb
-from springfield.errors import BadImageError, SpringfieldError
+from springfield.errors import SpringfieldError
 from springfield.models import model_of_config
 from springfield.training import checkpoint
 from springfield.training.optim import build_optimizer, make_schedule
@@ -162,35 +160,4 @@ def evaluate_data(
     return split, predictions, result
 
 
-def predict_images(
-    trained: TrainedModel, paths: list[Path], *, batch_size: int = 32
-) -> tuple[list[Path], np.ndarray, list[tuple[Path, str]]]:
-    """Class probabilities for each readable image: ``(paths, probs (N, C), failures)``."""
-    eval_step = make_eval_step(trained.graphdef, tta=trained.config.tta)
-    good, arrays, failures = [], [], []
-    for p in paths:
-        try:
-            arrays.append(load_rgb(Path(p), size=trained.image_size))
-            good.append(Path(p))
-        except BadImageError as e:
-            failures.append((Path(p), str(e)))
-    probs = []
-    h, w = trained.image_size
-    for i in range(0, len(arrays), batch_size):
-        chunk = np.stack(arrays[i : i + batch_size])
-        n = len(chunk)
-        # Fixed batch shape: pad, so one compiled step serves every chunk.
-        pad = np.zeros((batch_size, h, w, 3), np.uint8)
-        pad[:n] = chunk
-        batch = {
-            "image": pad,
-            "label": np.zeros(batch_size, np.int32),
-            "mask": np.zeros(batch_size, np.float32),
-        }
-        logits, _ = eval_step(trained.params, trained.rest, batch)
-        probs.append(np.asarray(jax.nn.softmax(logits))[:n])
-    out = np.concatenate(probs) if probs else np.zeros((0, len(trained.classes)), np.float32)
-    return good, out, failures
-
-
-__all__ = ["TrainedModel", "load_run", "predict_images"]
+__all__ = ["TrainedModel", "evaluate_data", "load_run"]
