@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # --- chromium (report tests) -------------------------------------------------
-# Installs Debian's chromium + chromium-driver for tests/test_report.py's headless-browser test,
+# Installs Debian's chromium + chromium-driver for tests/test_report_browser.py's headless-browser test,
 # which opens report.html with selenium. Idempotent: does nothing when both binaries exist.
 set -euo pipefail
 
