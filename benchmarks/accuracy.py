@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import tyro
+from outputs import default_output
 
 
 def main() -> None:
@@ -38,7 +39,9 @@ def main() -> None:
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per seed")
     parser.add_argument("--workdir", type=Path, default=None, help="keep run folders here")
-    parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--markdown", type=Path, default=None, help="also write the table (default: bench-out/)"
+    )
     parser.add_argument(
         "--watch",
         default="maggie_simpson",
@@ -50,6 +53,7 @@ def main() -> None:
         help="each run decodes into a new, empty cache: wall time as a new user meets it",
     )
     args, extra = parser.parse_known_args()
+    args.markdown = args.markdown or default_output("accuracy", "md")
     extra = [a for a in extra if a != "--"]
 
     from springfield.config import TrainConfig, preset_config, scale_early_epochs

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from outputs import default_output
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -225,9 +227,11 @@ def main() -> None:
     p.add_argument("--torch-python", default=sys.executable, help="python with torch")
     p.add_argument("--springfield-python", default=sys.executable, help="python with springfield")
     p.add_argument("--workdir", type=Path, default=None, help="keep logs and run folders here")
-    p.add_argument("--json", type=Path, default=None, help="write the rows as JSON")
-    p.add_argument("--markdown", type=Path, default=None, help="write the table here")
+    p.add_argument("--json", type=Path, default=None, help="rows as JSON (default: bench-out/)")
+    p.add_argument("--markdown", type=Path, default=None, help="table (default: bench-out/)")
     args = p.parse_args()
+    args.json = args.json or default_output("endtoend", "json")
+    args.markdown = args.markdown or default_output("endtoend", "md")
 
     from springfield import runtime
     from springfield.data.synthetic import ensure_default_dataset
