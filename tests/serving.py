@@ -12,14 +12,21 @@ from pathlib import Path
 
 import pytest
 
-LISTENING = re.compile(r"Serving on http://127\.0\.0\.1:(\d+) \(this machine only")
+LISTENING = re.compile(r"Serving on http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+) \(")
 
 
 class Server:
     """A `springfield serve ... --port 0` process; ``url`` once it listens."""
 
-    def __init__(self, folder: Path, *args: str, cache: Path, timeout: float = 240) -> None:
-        env = {**os.environ, "SPRINGFIELD_CACHE": str(cache)}
+    def __init__(
+        self,
+        folder: Path,
+        *args: str,
+        cache: Path,
+        timeout: float = 240,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        env = {**os.environ, "SPRINGFIELD_CACHE": str(cache), **(env or {})}
         cmd = [sys.executable, "-m", "springfield.cli", "serve", str(folder), "--port", "0"]
         self.proc = subprocess.Popen(
             [*cmd, *args],

@@ -119,7 +119,7 @@ def test_predict_top_k_json_and_csv_including_png_named_jpg(
     )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(lines) == 15
-    assert lines[0]["path"] == str(png)
+    assert lines[0]["file"] == str(png)
     top = lines[0]["top"]
     assert len(top) == 2 and top[0]["probability"] >= top[1]["probability"]
     assert sum(1 for _ in csv_path.open()) == 1 + 15 * 2

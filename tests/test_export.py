@@ -111,7 +111,7 @@ def _predict(capsys, folder: Path, files: list[Path]) -> list[dict]:
 
 
 def _by_class(row: dict) -> dict[str, float]:
-    return {t["class"]: t["probability"] for t in row["top"]}
+    return {t["label"]: t["probability"] for t in row["top"]}
 
 
 def test_predict_and_serve_take_the_exported_folder(
@@ -119,7 +119,7 @@ def test_predict_and_serve_take_the_exported_folder(
 ):
     from_run = _predict(capsys, small_run, files)
     from_export = _predict(capsys, exported, files)
-    assert [r["path"] for r in from_export] == [str(f) for f in files]
+    assert [r["file"] for r in from_export] == [str(f) for f in files]
     for a, b in zip(from_run, from_export, strict=True):
         pa, pb = _by_class(a), _by_class(b)
         assert set(pa) == set(pb)

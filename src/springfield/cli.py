@@ -92,6 +92,15 @@ def _serve(argv: list[str], console: Console) -> None:
         batch_window_ms=args.batch_window_ms,
         allow_import=args.allow_import,
         log_requests=args.log_requests,
+        token=args.token,
+        allow_no_token=args.allow_no_token,
+        cors_origins=args.cors_origin,
+        max_pixels=args.max_pixels,
+        max_decodes=args.max_decodes,
+        max_requests=args.max_requests,
+        header_timeout_s=args.header_timeout_s,
+        body_timeout_s=args.body_timeout_s,
+        shutdown_timeout_s=args.shutdown_timeout_s,
         say=lambda text: print(text, flush=True),
     )
 
@@ -286,7 +295,7 @@ def _predict(argv: list[str], console: Console) -> None:
     import numpy as np
 
     from springfield.errors import BadImageError
-    from springfield.inference import load, top_classes
+    from springfield.inference import load, prediction, top_classes
 
     args = tyro.cli(PredictArgs, args=argv, prog="springfield predict")
     if args.top_k < 1:
@@ -314,21 +323,15 @@ def _predict(argv: list[str], console: Console) -> None:
             for path, top in rows:
                 for r, (c, pr) in enumerate(top, 1):
                     w.writerow([str(path), r, c, f"{pr:.6f}"])
-    for path, top in rows:
+    for (path, top), p in zip(rows, probs, strict=True):
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "path": printable(str(path)),
-                        "top": [{"class": c, "probability": pr} for c, pr in top],
-                    }
-                )
-            )
+            # The one prediction schema of the Python API and the server (docs/serving.md).
+            print(json.dumps(prediction(printable(str(path)), p, clf.classes, args.top_k)))
         else:
             console.print(f"{printable(str(path))}: " + ", ".join(f"{c} {pr:.3f}" for c, pr in top))
     for path, reason in failures:
         if args.json:
-            print(json.dumps({"path": printable(str(path)), "error": reason}))
+            print(json.dumps({"file": printable(str(path)), "error": reason}))
         else:
             console.print(f"[yellow]{escape(printable(str(path)))}: skipped ({reason})[/]")
 

@@ -97,13 +97,13 @@ class ExportArgs:
 
 @dataclass(frozen=True)
 class ServeArgs:
-    """Serve a model: GET / is a page to drop, choose or paste images into; POST /predict takes multipart files (curl -F file=@a.jpg -F file=@b.png) or one raw image body and answers JSON {"predictions": [{"file", "top": [{"label", "probability"}]}], "model": {...}}; GET /health and GET /info. The model is loaded once and compiled for --batch-sizes at start-up; concurrent requests share forward passes (micro-batching). Bad uploads get a 4xx with a one-line JSON error. Probabilities are those of `springfield predict --json`."""
+    """Serve a model: GET / is a page to drop, choose or paste images into; POST /predict takes multipart files (curl -F file=@a.jpg -F file=@b.png) or one raw image body and answers JSON {"predictions": [{"file", "label", "probability", "top": [{"label", "probability"}]}], "model": {...}}; GET /health and GET /info. The model is loaded once and compiled for --batch-sizes at start-up; concurrent requests share forward passes (micro-batching). Bad uploads get a 4xx with a one-line JSON error. Probabilities are those of `springfield predict --json`."""
 
     run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="FOLDER")]
     """Run folder written by `springfield train`, or a folder written by `springfield export`."""
 
     host: str = "127.0.0.1"
-    """Address to listen on. The default accepts this machine only; 0.0.0.0 (or ::) accepts every machine that can reach this one, with no authentication and no TLS."""
+    """Address to listen on. The default accepts this machine only; 0.0.0.0 (or ::) accepts every machine that can reach this one, and then needs --token (or --allow-no-token). No TLS: put a reverse proxy in front for that."""
 
     port: int = 8000
     """TCP port to listen on (0: any free port, printed at start)."""
@@ -131,6 +131,33 @@ class ServeArgs:
 
     allow_import: bool = False
     """Allow importing the run's custom module:function activation (runs that module)."""
+
+    token: str | None = None
+    """Bearer token that POST /predict and GET /info require (header 'Authorization: Bearer TOKEN'); default: the environment variable SPRINGFIELD_TOKEN, which unlike a flag is not shown by ps. Without either, there is no authentication."""
+
+    allow_no_token: bool = False
+    """Serve a non-loopback --host without a token (anyone who reaches the port may use it); refused otherwise. Prints a warning."""
+
+    cors_origin: tuple[str, ...] = ()
+    """Origins (https://example.org) whose pages may call the API from a browser; default none: same origin only."""
+
+    max_pixels: int = 12_000_000
+    """Largest image decoded, in pixels as decoded (a JPEG counts at the reduced scale its draft decode uses, 1/8 for a large photo and a small model); a larger one gets 422 from its header, before any pixel is decoded. With --max-decodes 2, decodes hold at most 2 x 12 Mpx x 24 bytes = 576 MB."""
+
+    max_decodes: int = 2
+    """Images decoded at once (more wait their turn)."""
+
+    max_requests: int = 32
+    """POST /predict requests held at once (reading, decoding, waiting for the model); more get 503 with Retry-After before their body is read."""
+
+    header_timeout_s: float = 10.0
+    """Seconds a connection may take to send a request's headers (slow clients are cut off)."""
+
+    body_timeout_s: float = 30.0
+    """Seconds a request body may take to arrive once its headers have (slower: 408)."""
+
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM or Ctrl-C: stop accepting, and give the requests in progress this long to finish."""
 
 
 @dataclass(frozen=True)

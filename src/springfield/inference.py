@@ -177,7 +177,7 @@ class Classifier:
         items = _as_list(images)
         probs = self.probabilities(items)
         return [
-            {"file": _name(image, i), **top_classes(p, self.classes, top_k)}
+            prediction(_name(image, i), p, self.classes, top_k)
             for i, (image, p) in enumerate(zip(items, probs, strict=True))
         ]
 
@@ -272,6 +272,19 @@ def top_classes(probs: np.ndarray, classes: Sequence[str], top_k: int) -> dict:
     return {"label": top[0]["label"], "probability": top[0]["probability"], "top": top}
 
 
+def prediction(file: str, probs: np.ndarray, classes: Sequence[str], top_k: int) -> dict:
+    """One image's prediction, in the one schema of :meth:`Classifier.predict`,
+    ``springfield predict --json`` and ``springfield serve``::
+
+        {"file": "homer.jpg", "label": "homer_simpson", "probability": 0.97,
+         "top": [{"label": "homer_simpson", "probability": 0.97}, ...]}
+
+    ``top`` holds the ``top_k`` most likely classes, most likely first; ``label`` and
+    ``probability`` repeat the first of them. Probabilities are float32 values as Python
+    floats (JSON keeps every digit)."""
+    return {"file": file, **top_classes(probs, classes, top_k)}
+
+
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> list:
     if isinstance(images, list | tuple):
         return list(images)
@@ -325,6 +338,7 @@ __all__ = [
     "classifier_of_export",
     "classifier_of_run",
     "load",
+    "prediction",
     "to_rgb_array",
     "top_classes",
 ]

@@ -15,12 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger("springfield.serve")
+
+
+class QueueFull(Exception):
+    """The batcher already holds ``max_queue`` images: the request should come back later."""
+
+
+class ModelError(Exception):
+    """The forward pass raised: a fault of the server, not of the request's images."""
 
 
 @dataclass
@@ -36,6 +47,7 @@ class BatchStats:
     batches: int = 0
     images: int = 0
     requests: int = 0
+    failures: int = 0
 
 
 class MicroBatcher:
@@ -57,23 +69,42 @@ class MicroBatcher:
         sizes: Sequence[int],
         window_s: float = 0.002,
         enabled: bool = True,
+        max_queue: int | None = None,
     ) -> None:
         self._predict = predict
         self.sizes = tuple(sorted(sizes))
         self.max_batch = self.sizes[-1]
         self.window_s = window_s
         self.enabled = enabled
+        # Images waiting (not yet in a forward pass); beyond it submit() refuses at once
+        # rather than holding more memory. None: no bound (the app always sets one).
+        self.max_queue = max_queue
         self.stats = BatchStats()
         self._pending: deque[_Job] = deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flushing = False
         # One thread runs the model: JAX releases the GIL while it computes, so the event
         # loop keeps accepting and decoding uploads meanwhile.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="springfield-model")
 
     def start(self) -> None:
         self._wake = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run())
+
+    def flush(self) -> None:
+        """From now on run waiting images at once, without waiting out ``window_s`` (the
+        server is shutting down: requests in progress should finish soon). Any thread."""
+
+        def now() -> None:
+            self._flushing = True
+            if self._wake is not None:
+                self._wake.set()
+
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(now)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -83,9 +114,16 @@ class MicroBatcher:
         self._thread.shutdown(wait=True)
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities ``(N, C)`` of one request's images, once their batch has run."""
+        """Probabilities ``(N, C)`` of one request's images, once their batch has run.
+
+        Raises:
+            QueueFull: ``max_queue`` images are already waiting.
+            ModelError: the forward pass failed (its type and message, one line).
+        """
         if self._wake is None:
             raise RuntimeError("MicroBatcher.start() was not called")
+        if self.max_queue is not None and self._waiting_images() + len(images) > self.max_queue:
+            raise QueueFull(f"{self._waiting_images()} images already wait for the model")
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Job(images, future))
         self._wake.set()
@@ -102,7 +140,7 @@ class MicroBatcher:
             return [self._pending.popleft()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.window_s
-        while self._waiting_images() < self.max_batch:
+        while self._waiting_images() < self.max_batch and not self._flushing:
             left = deadline - loop.time()
             if left <= 0:
                 break
@@ -134,9 +172,14 @@ class MicroBatcher:
             try:
                 probs = await loop.run_in_executor(self._thread, self._predict, images)
             except Exception as e:  # noqa: BLE001 - handed to each waiting request
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+                # One line: the operator learns what failed without a traceback per request.
+                log.error("forward pass of %d images failed: %s", len(images), reason)
+                self.stats.failures += 1
                 for j in jobs:
                     if not j.future.done():
-                        j.future.set_exception(e)
+                        j.future.set_exception(ModelError(reason))
                 continue
             self.stats.batches += 1
             self.stats.images += len(images)
@@ -149,4 +192,4 @@ class MicroBatcher:
                     j.future.set_result(rows)
 
 
-__all__ = ["BatchStats", "MicroBatcher"]
+__all__ = ["BatchStats", "MicroBatcher", "ModelError", "QueueFull"]
