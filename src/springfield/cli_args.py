@@ -147,7 +147,7 @@ class ServeArgs:
     max_decodes: int = 2
     """Images decoded at once (more wait their turn)."""
 
-    max_requests: int = 32
+    max_requests: int = 24
     """POST /predict requests held at once (reading, decoding, waiting for the model); more get 503 with Retry-After before their body is read."""
 
     header_timeout_s: float = 10.0

@@ -73,7 +73,7 @@ def serve(
     log_requests: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decodes: int = 2,
-    max_requests: int = 32,
+    max_requests: int = 24,
     header_timeout_s: float = 10.0,
     body_timeout_s: float = 30.0,
     shutdown_timeout_s: float = 30.0,
