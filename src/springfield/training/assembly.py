@@ -17,9 +17,15 @@ from flax import nnx
 from springfield import parallel
 from springfield.config import TrainConfig
 from springfield.data.pipeline import loss_weights
-from springfield.models import model_of_config
+from springfield.models import model_of_config, starts_pretrained
 from springfield.training.inputs import RunData
-from springfield.training.optim import build_fused_update, build_optimizer
+from springfield.training.optim import (
+    LayerRates,
+    build_fused_update,
+    build_optimizer,
+    finetune_rates,
+    scaled_rates,
+)
 from springfield.training.steps import TrainState, init_state, make_eval_step, make_train_step
 
 
@@ -34,6 +40,11 @@ class Assembly:
     state: TrainState
     train_step: Any
     eval_step: Any
+    schedule: optax.Schedule
+    """The head's learning rate by step (for logs)."""
+    frozen_step: Any = None
+    """A fine-tune's train step for its first ``frozen_steps`` steps (head only), or None."""
+    frozen_steps: int = 0
 
 
 def class_weights_of(cfg: TrainConfig, data: RunData) -> Any:
@@ -44,17 +55,39 @@ def class_weights_of(cfg: TrainConfig, data: RunData) -> Any:
 
 
 def assemble(
-    cfg: TrainConfig, data: RunData, schedule: optax.Schedule, mesh: jax.sharding.Mesh
+    cfg: TrainConfig,
+    data: RunData,
+    schedule: optax.Schedule,
+    mesh: jax.sharding.Mesh,
+    *,
+    steps_per_epoch: int | None = None,
 ) -> Assembly:
     """A fresh model of ``cfg`` for ``data``'s classes, its optimizer on ``schedule``, the
-    initial state (replicated over ``mesh``) and the train and eval steps."""
+    initial state (replicated over ``mesh``) and the train and eval steps.
+
+    A model that starts from trained weights (:func:`~springfield.models.starts_pretrained`)
+    is fine-tuned: given ``steps_per_epoch``, with ``--freeze-epochs`` of its head alone
+    (``frozen_step``) and then discriminative rates (:func:`~.optim.finetune_rates`);
+    without it (the learning-rate finder), ``schedule`` scaled per layer group."""
     model = model_of_config(cfg, len(data.classes))
-    tx = build_optimizer(cfg, schedule)
+    rates: LayerRates | None = None
+    if starts_pretrained(cfg):
+        groups = model.layer_groups
+        if steps_per_epoch is None:
+            rates = scaled_rates(cfg, schedule, model.layer_group, groups)
+        else:
+            rates = finetune_rates(
+                cfg,
+                model.layer_group,
+                groups,
+                steps_per_epoch=steps_per_epoch,
+                total_steps=steps_per_epoch * cfg.epochs,
+            )
+        schedule = rates.schedules[-1]
+    tx = build_optimizer(cfg, schedule, rates)
     graphdef, state = init_state(model, tx)
     state = parallel.replicate(state, mesh)
-    train_step = make_train_step(
-        graphdef,
-        tx,
+    step_args = dict(
         label_smoothing=cfg.label_smoothing,
         skip_nonfinite=cfg.skip_nonfinite,
         mixup_alpha=cfg.mixup,
@@ -63,5 +96,10 @@ def assemble(
         mixstyle=cfg.mixstyle,
         fused_update=build_fused_update(cfg, schedule),
     )
+    train_step = make_train_step(graphdef, tx, **step_args)
+    frozen_steps = rates.frozen_steps if rates else 0
+    frozen_step = make_train_step(graphdef, tx, frozen=True, **step_args) if frozen_steps else None
     eval_step = make_eval_step(graphdef, tta=cfg.tta)
-    return Assembly(model, tx, graphdef, state, train_step, eval_step)
+    return Assembly(
+        model, tx, graphdef, state, train_step, eval_step, schedule, frozen_step, frozen_steps
+    )

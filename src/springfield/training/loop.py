@@ -114,9 +114,9 @@ def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Pa
         total_steps=total_steps,
         warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
     )
-    lr_at = lr_of_step(schedule)
-    built = assemble(cfg, data, schedule, mesh)
+    built = assemble(cfg, data, schedule, mesh, steps_per_epoch=steps_per_epoch)
     state, train_step, eval_step = built.state, built.train_step, built.eval_step
+    lr_at = lr_of_step(built.schedule)
     key = jax.random.key(cfg.seed)
     data_iter = train_iterator(
         cfg,
@@ -162,7 +162,9 @@ def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Pa
             )
             while pos.step < total_steps and not stop and not stopped_early(pos.history, cfg):
                 bar.update(task, epoch=pos.step // steps_per_epoch + 1)
-                timing = train_epoch(setup, pos, train_step, key, stop, on_loss)
+                # A fine-tune trains its head alone first (assembly.py).
+                step_fn = built.frozen_step if pos.step < built.frozen_steps else train_step
+                timing = train_epoch(setup, pos, step_fn, key, stop, on_loss)
                 if pos.step % steps_per_epoch:  # stopped mid-epoch
                     break
                 row = evaluate_epoch(setup, pos, eval_step, data, timing, lr_at(pos.step - 1))

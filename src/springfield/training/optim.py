@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
@@ -171,11 +172,90 @@ def averaged_params(opt_state: Any) -> optax.Params | None:
     return None if state is None else state.ema
 
 
-def build_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+@dataclass(frozen=True)
+class LayerRates:
+    """A fine-tune's learning rates by layer group: ``schedules[g]`` drives the parameters
+    that ``group_of`` (a model's ``layer_group``) puts in group ``g``, the earliest layers
+    first and the head last. The body's schedules are 0 for the first ``frozen_steps``."""
+
+    schedules: tuple[optax.Schedule, ...]
+    group_of: Callable[[tuple[str, ...]], int]
+    frozen_steps: int = 0
+
+
+def layer_multipliers(groups: int, lr_mult: float) -> list[float]:
+    """fastai's ``slice(lr / lr_mult, lr)`` over ``groups`` groups: geometric from
+    ``1 / lr_mult`` for the earliest to 1 for the head."""
+    if groups == 1:
+        return [1.0]
+    return [lr_mult ** -((groups - 1 - g) / (groups - 1)) for g in range(groups)]
+
+
+def finetune_rates(
+    cfg: TrainConfig,
+    group_of: Callable[[tuple[str, ...]], int],
+    groups: int,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> LayerRates:
+    """fastai's ``fine_tune``: ``--freeze-epochs`` of ``--schedule`` at ``--lr`` for the head
+    alone, then every layer on a schedule of its own over the remaining steps, at half
+    ``--lr`` for the head and ``--lr-mult`` times less for the earliest layers."""
+    frozen = min(cfg.freeze_epochs, cfg.epochs - 1) * steps_per_epoch if cfg.epochs > 1 else 0
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    first = make_schedule(cfg.schedule, lr=cfg.lr, total_steps=frozen, warmup_steps=warmup)
+    out = []
+    for g, m in enumerate(layer_multipliers(groups, cfg.lr_mult)):
+        rest = make_schedule(
+            cfg.schedule,
+            lr=0.5 * cfg.lr * m if frozen else cfg.lr * m,
+            total_steps=total_steps - frozen,
+            warmup_steps=warmup,
+        )
+        start = first if g == groups - 1 else optax.constant_schedule(0.0)
+        out.append(optax.join_schedules([start, rest], [frozen]) if frozen else rest)
+    return LayerRates(tuple(out), group_of, frozen)
+
+
+def scaled_rates(
+    cfg: TrainConfig,
+    schedule: optax.Schedule,
+    group_of: Callable[[tuple[str, ...]], int],
+    groups: int,
+) -> LayerRates:
+    """``schedule`` for the head and ``--lr-mult``'s fractions of it for the earlier layers,
+    nothing frozen: what the learning-rate finder sweeps for a fine-tune."""
+    def times(m: float) -> optax.Schedule:
+        return lambda step: m * schedule(step)
+
+    scaled = [times(m) for m in layer_multipliers(groups, cfg.lr_mult)]
+    return LayerRates(tuple(scaled), group_of, 0)
+
+
+def _path_names(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def build_optimizer(
+    cfg: TrainConfig, schedule: optax.Schedule, rates: LayerRates | None = None
+) -> optax.GradientTransformation:
     """The optimizer a run of ``cfg`` trains with: ``--optimizer`` with ``--weight-decay``,
     then the ``--ema`` average, all inside ``--skip-nonfinite``'s guard. Evaluation builds
-    the same one to restore a checkpoint's optimizer state."""
-    tx = make_optimizer(cfg.optimizer, schedule, weight_decay=cfg.weight_decay)
+    the same one to restore a checkpoint's optimizer state. With ``rates`` (a fine-tune),
+    each layer group has an optimizer of its own on its schedule instead of ``schedule``."""
+    if rates is None:
+        tx = make_optimizer(cfg.optimizer, schedule, weight_decay=cfg.weight_decay)
+    else:
+        tx = optax.multi_transform(
+            {
+                g: make_optimizer(cfg.optimizer, s, weight_decay=cfg.weight_decay)
+                for g, s in enumerate(rates.schedules)
+            },
+            lambda params: jax.tree_util.tree_map_with_path(
+                lambda path, _: rates.group_of(_path_names(path)), params
+            ),
+        )
     if cfg.ema:
         if not 0.0 < cfg.ema < 1.0:
             raise SpringfieldError(f"--ema {cfg.ema}: use a decay between 0 and 1, e.g. 0.999.")
@@ -190,6 +270,9 @@ def build_fused_update(cfg: TrainConfig, schedule: optax.Schedule) -> FusedUpdat
     (:mod:`springfield.training.fused_adam`), for ``adam`` and ``adamw`` without ``--ema`` or
     ``--skip-nonfinite``; None (optax's own update) otherwise or where it cannot run."""
     # A name registered with register_optimizer is the user's own, whatever optax calls it.
-    if cfg.ema or cfg.skip_nonfinite or cfg.optimizer in OPTIMIZERS:
+    # A fine-tune's layer groups each have an optimizer of their own (optax.multi_transform).
+    from springfield.models import starts_pretrained
+
+    if cfg.ema or cfg.skip_nonfinite or cfg.optimizer in OPTIMIZERS or starts_pretrained(cfg):
         return None
     return make_fused_update(cfg.optimizer, schedule, weight_decay=cfg.weight_decay)

@@ -129,6 +129,7 @@ def make_train_step(
     class_weights: Any = None,
     mixstyle: float = 0.0,
     fused_update: FusedUpdate | None = None,
+    frozen: bool = False,
 ):
     """``train_step(state, batch, key) -> (state, metrics)``.
 
@@ -154,6 +155,9 @@ def make_train_step(
 
     ``fused_update`` (:func:`springfield.training.optim.build_fused_update`): ``tx``'s update
     as one in-place kernel pass, with the same numbers; optax's where it gives None.
+
+    ``frozen``: fine-tuning's first phase; the model (one with ImageNet weights) runs its
+    body in inference mode, out of the gradient, and only its head learns.
 
     The step donates ``state``: its buffers are reused for the new state (the optimizer
     updates in place), so the ``state`` passed in cannot be used after the call.
@@ -181,6 +185,8 @@ def make_train_step(
         # only the ResNets take the option, so others are called without it.
         rngs = nnx.Rngs(dropout=drop_key, mixstyle=jax.random.fold_in(drop_key, 1))
         extra = {"mixstyle": mixstyle} if mixstyle else {}
+        if frozen:
+            extra["frozen"] = True
         logits = model(x, train=True, rngs=rngs, **extra)
         mask = batch["mask"]
         losses = optax.softmax_cross_entropy(logits, targets)
