@@ -11,7 +11,9 @@ import jax
 from flax import nnx
 
 from springfield.errors import SpringfieldError
+from springfield.models import pretrained
 from springfield.models.activations import ACTIVATIONS, get_activation
+from springfield.models.efficientnet import VARIANTS, EfficientNetLite
 from springfield.models.ensemble import Ensemble
 from springfield.models.layers import conv_precision
 from springfield.models.refcnn import RefCNN
@@ -33,6 +35,9 @@ class ModelSpec:
     ``--early-size`` can train it on smaller images first)."""
     mixstyle: bool = False
     """Takes ``mixstyle=P`` in training calls (``--mixstyle``)."""
+    load_pretrained: Callable[[nnx.Module], None] | None = None
+    """Loads the model's ImageNet weights (all but the head) into a built model, for
+    ``--pretrained``; such a model also takes ``frozen=True`` in training calls."""
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -82,6 +87,20 @@ MODELS: dict[str, ModelSpec] = {
         "the framework benchmark's reference CNN",
     ),
 }
+
+for _name, _v in VARIANTS.items():
+    MODELS[_name] = ModelSpec(
+        functools.partial(lambda name, n, size, act, rngs: EfficientNetLite(n, name, rngs=rngs),
+                          _name),
+        (_v.image_size, _v.image_size),
+        EfficientNetLite.min_size,
+        f"{_name.replace('efficientnet', 'EfficientNet')} (ReLU6, no squeeze-excite), "
+        f"pretrained on ImageNet at {_v.image_size} px by default (--no-pretrained: random)",
+        any_size=True,
+        load_pretrained=functools.partial(
+            lambda name, model: pretrained.load_lite(model, name), _name
+        ),
+    )
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -173,7 +192,7 @@ def _init_program(*key) -> Callable[[], nnx.State]:
 def model_of_config(cfg, num_classes: int) -> nnx.Module:
     """:func:`build_model` with the model settings of a ``TrainConfig`` (training, the
     learning-rate finder and restoring a run all build the same network)."""
-    return build_model(
+    model = build_model(
         cfg.model,
         num_classes,
         image_size=tuple(cfg.image_size),
@@ -182,6 +201,17 @@ def model_of_config(cfg, num_classes: int) -> nnx.Module:
         ensemble=cfg.ensemble,
         precision=cfg.precision,
     )
+    if getattr(cfg, "weights", None):
+        pretrained.load_user_weights(model, cfg.model, cfg.weights)
+    elif getattr(cfg, "pretrained", False) and MODELS[cfg.model].load_pretrained:
+        MODELS[cfg.model].load_pretrained(model)
+    return model
+
+
+def starts_pretrained(cfg) -> bool:
+    """Whether a run of ``cfg`` starts from trained weights (``--pretrained`` on a model that
+    has them, or ``--weights``): fine-tuning, with ``--freeze-epochs`` and ``--lr-mult``."""
+    return bool(cfg.weights) or bool(cfg.pretrained and MODELS[cfg.model].load_pretrained)
 
 
 def count_params(model: nnx.Module) -> int:
@@ -197,4 +227,5 @@ __all__ = [
     "check_image_size",
     "count_params",
     "model_spec",
+    "starts_pretrained",
 ]
