@@ -310,6 +310,7 @@ def run_abuse(args, clients: int, seconds: float, paths: list[Path]) -> int:
         start_rss_mib=start_kib / 1024,
         peak_rss_mib=(peak_kib + peak_children) / 1024,
         forward_passes=after["forward_passes"],
+        refused_busy=after["refused_busy"],
         max_pixels=info["max_pixels"],
         max_requests=info["max_requests"],
         max_decodes=info["max_decodes"],
@@ -341,7 +342,9 @@ def run_abuse(args, clients: int, seconds: float, paths: list[Path]) -> int:
     print(
         f"server resident memory: {result['start_rss_mib']:.0f} MiB after start, peak "
         f"{result['peak_rss_mib']:.0f} MiB (process VmHWM + children); "
-        f"{result['forward_passes']} forward passes"
+        f"{result['forward_passes']} forward passes; the server sent "
+        f"{result['refused_busy']} 503s (clients got "
+        f"{result['status_counts'].get('503', 0)})"
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -6,6 +6,7 @@ mode end with no 500 and every good answer equal to `springfield predict`."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import shutil
@@ -186,6 +187,11 @@ def test_beyond_max_requests_a_503_with_retry_after_before_the_body_is_read(
         r = httpx.post(f"{s.url}/predict", files=[("file", jpeg.read_bytes())], timeout=60)
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
         assert "--max-requests limit" in r.json()["error"]
+        # The 503 goes out before the body is read and closes the connection: clients still
+        # writing their body must get it, not a reset (an async client loses the answer
+        # when a write fails; the server drops the rest of the body in a lingering close).
+        outcomes = asyncio.run(_early_answers(s.url, jpeg.read_bytes(), busy=True))
+        assert outcomes == {"multipart 503": 16, "pieces 503": 4}, outcomes
         slow.close()
         for _ in range(600):
             r = httpx.post(f"{s.url}/predict", files=[("file", jpeg.read_bytes())], timeout=60)
@@ -193,8 +199,50 @@ def test_beyond_max_requests_a_503_with_retry_after_before_the_body_is_read(
                 break
             time.sleep(0.05)
         assert r.status_code == 200 and _right(r.json(), _expected(capsys, small_run, jpeg))
+        # Free again: a body over the limit gets its 413 (from Content-Length, unread).
+        outcomes = asyncio.run(_early_answers(s.url, jpeg.read_bytes(), busy=False))
+        assert outcomes == {"over the limit 413": 1}, outcomes
     finally:
         s.stop()
+
+
+async def _early_answers(url: str, image: bytes, *, busy: bool) -> dict[str, int]:
+    """What async clients get from a server that answers before reading their bodies: if
+    ``busy``, 16 multipart uploads of 256 kB at once and 4 raw bodies sent in 4 pieces;
+    else one raw body of 11 MB (over the default 10 MB limit, refused from its
+    Content-Length)."""
+    from collections import Counter
+
+    big = image + bytes(256 * 1024)
+
+    async def pieces():
+        for i in range(4):
+            yield big[i * 4096 : (i + 1) * 4096]
+            await asyncio.sleep(0.05)
+
+    outcomes: Counter = Counter()
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+
+        async def one(what: str, **kw) -> None:
+            try:
+                r = await client.post("/predict", **kw)
+                outcomes[f"{what} {r.status_code}"] += 1
+            except httpx.HTTPError as e:
+                outcomes[f"{what} {type(e).__name__}"] += 1
+
+        if busy:
+            await asyncio.gather(
+                *(one("multipart", files={"file": ("big.jpg", big)}) for _ in range(16)),
+                *(
+                    one("pieces", content=pieces(), headers={"Content-Type": "image/jpeg"})
+                    for _ in range(4)
+                ),
+            )
+        else:
+            await one(
+                "over the limit", content=bytes(11 * 2**20), headers={"Content-Type": "image/jpeg"}
+            )
+    return dict(outcomes)
 
 
 def test_slow_headers_and_a_slow_body_are_cut_off(small_run, tmp_path_factory):

@@ -22,7 +22,12 @@ from pathlib import Path
 
 from springfield.errors import SpringfieldError
 from springfield.inference import DEFAULT_BATCH_SIZES
-from springfield.serve.limits import DEFAULT_MAX_PIXELS, header_timeout_protocol, memory_budget
+from springfield.serve.limits import (
+    DEFAULT_MAX_PIXELS,
+    LINGER_BYTES,
+    memory_budget,
+    server_protocol,
+)
 
 TOKEN_ENV = "SPRINGFIELD_TOKEN"
 
@@ -190,7 +195,12 @@ def serve(
         say(f"Serving on http://{shown}:{bound_port} ({where}). Ctrl-C stops.")
         config = uvicorn.Config(
             app,
-            http=header_timeout_protocol(header_timeout_s),
+            # Error answers sent before the body has arrived close the connection with a
+            # lingering close (limits.py), long enough to drop a body of twice the limit.
+            http=server_protocol(
+                header_timeout_s,
+                linger_bytes=max(LINGER_BYTES, int(2 * max_upload_mb * 2**20) + 2**20),
+            ),
             log_level="info" if log_requests else "warning",
             access_log=log_requests,
             # SIGTERM: stop accepting, let the requests in progress finish, then exit.
