@@ -91,8 +91,9 @@ MODELS: dict[str, ModelSpec] = {
 
 for _name, _v in VARIANTS.items():
     MODELS[_name] = ModelSpec(
-        functools.partial(lambda name, n, size, act, rngs: EfficientNetLite(n, name, rngs=rngs),
-                          _name),
+        functools.partial(
+            lambda name, n, size, act, rngs: EfficientNetLite(n, name, rngs=rngs), _name
+        ),
         (_v.image_size, _v.image_size),
         EfficientNetLite.min_size,
         f"{_name.replace('efficientnet', 'EfficientNet')} (ReLU6, no squeeze-excite), "
@@ -106,8 +107,7 @@ for _name, _v in VARIANTS.items():
 for _name in DEPTHS:
     # No wheel ships their weights: --weights (a timm safetensors file or hub id), or random.
     MODELS[_name] = ModelSpec(
-        functools.partial(lambda name, n, size, act, rngs: TimmResNet(n, name, rngs=rngs),
-                          _name),
+        functools.partial(lambda name, n, size, act, rngs: TimmResNet(n, name, rngs=rngs), _name),
         (224, 224),
         TimmResNet.min_size,
         f"{_name.replace('resnet', 'ResNet-')} as timm/torchvision build it (7x7 stem, "
@@ -202,7 +202,7 @@ def _init_program(*key) -> Callable[[], nnx.State]:
     return jax.jit(lambda: nnx.state(_construct(*key)), compiler_options=QUICK_COMPILE)
 
 
-def model_of_config(cfg, num_classes: int) -> nnx.Module:
+def model_of_config(cfg, num_classes: int, *, initial_weights: bool = True) -> nnx.Module:
     """:func:`build_model` with the model settings of a ``TrainConfig`` (training, the
     learning-rate finder and restoring a run all build the same network)."""
     model = build_model(
@@ -214,6 +214,8 @@ def model_of_config(cfg, num_classes: int) -> nnx.Module:
         ensemble=cfg.ensemble,
         precision=cfg.precision,
     )
+    if not initial_weights:  # a checkpoint's weights go in next
+        return model
     if getattr(cfg, "weights", None):
         pretrained.load_user_weights(model, cfg.model, cfg.weights)
     elif getattr(cfg, "pretrained", False) and MODELS[cfg.model].load_pretrained:
