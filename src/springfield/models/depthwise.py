@@ -29,8 +29,12 @@ def _pads(size: tuple[int, int], k: int, s: int) -> list[tuple[int, int]]:
 
 
 def _correlate(xp: jax.Array, w: jax.Array, s: int, out: tuple[int, int]) -> jax.Array:
-    """``y[b, h, w, c] = sum_ij xp[b, h*s + i, w*s + j, c] * w[i, j, c]`` over ``out``."""
+    """``y[b, h, w, c] = sum_ij xp[b, h*s + i, w*s + j, c] * w[i, j, c]`` over ``out``,
+    summed in float32 and written in ``xp``'s type (bfloat16 activations stay bfloat16; a
+    sum of 25 bfloat16 terms in bfloat16 would lose their low bits)."""
     k = w.shape[0]
+    dtype = xp.dtype
+    xp, w = xp.astype(jnp.float32), w.astype(jnp.float32)
     oh, ow = out
     y = None
     for i in range(k):
@@ -42,7 +46,7 @@ def _correlate(xp: jax.Array, w: jax.Array, s: int, out: tuple[int, int]) -> jax
                 (1, s, s, 1),
             )
             y = tap * w[i, j] if y is None else y + tap * w[i, j]
-    return y
+    return y.astype(dtype)
 
 
 def _forward(x: jax.Array, w: jax.Array, s: int) -> jax.Array:
@@ -96,7 +100,7 @@ def _depthwise_bwd(s: int, res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Ar
             (0, 0, 0),
         ),
     )
-    dx = _correlate(dyp, w[::-1, ::-1].astype(dy.dtype), 1, (h, wd))
+    dx = _correlate(dyp, w[::-1, ::-1], 1, (h, wd))
     return dx.astype(x.dtype), dw
 
 
@@ -114,7 +118,8 @@ def depthwise_conv(
 ) -> jax.Array:
     """A ``lax.conv_general_dilated`` drop-in (the signature ``nnx.Conv`` calls) for
     depthwise NHWC/HWIO convolutions with "SAME" padding and equal strides: ``rhs`` is
-    ``(k, k, 1, C)``. The product is in ``lhs``'s type (float32, or bfloat16 activations)."""
+    ``(k, k, 1, C)``. The output (and the input's gradient) is in ``lhs``'s type: float32,
+    or bfloat16 activations; the weights' gradient is float32."""
     s = int(window_strides[0])
     if (
         padding != "SAME"
@@ -124,4 +129,4 @@ def depthwise_conv(
         or rhs.shape[0] != rhs.shape[1]
     ):
         raise ValueError("depthwise_conv: only square depthwise kernels, SAME, equal strides")
-    return _depthwise(lhs, rhs[:, :, 0, :].astype(lhs.dtype), s)
+    return _depthwise(lhs, rhs[:, :, 0, :], s)

@@ -25,6 +25,7 @@ def check_config(cfg: TrainConfig) -> None:
     check_early(cfg)
     check_ensemble(cfg.ensemble)
     get_activation(cfg.activation)
+    check_finetune(cfg)
     # The rate does not matter here: the optimizer's name and its settings do.
     build_optimizer(cfg, optax.constant_schedule(_placeholder_lr(cfg.lr)))
     for flag, alpha in (("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix)):
@@ -104,3 +105,30 @@ def check_steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
             "training images; use a smaller batch size."
         )
     return steps
+
+
+def check_finetune(cfg: TrainConfig) -> None:
+    """The pretrained models' and ``--time-budget``'s flags."""
+    from springfield.models import MODELS
+    from springfield.training.budget import parse_budget
+
+    spec = MODELS[cfg.model]
+    if spec.load_pretrained and cfg.activation != "relu":
+        raise SpringfieldError(
+            f"--activation {cfg.activation}: --model {cfg.model} uses ReLU6, which its "
+            "ImageNet weights were trained with; leave --activation out."
+        )
+    if cfg.freeze_epochs < 0:
+        raise SpringfieldError(f"--freeze-epochs {cfg.freeze_epochs}: must be 0 or more.")
+    if cfg.lr_mult < 1:
+        raise SpringfieldError(
+            f"--lr-mult {cfg.lr_mult}: must be 1 (one rate for all layers) or more."
+        )
+    if cfg.time_budget is not None:
+        parse_budget(cfg.time_budget)
+        if cfg.distributed:
+            raise SpringfieldError(
+                "--time-budget with --distributed: each process would measure its own speed "
+                "and choose its own epochs; give --epochs instead."
+            )
+

@@ -34,6 +34,7 @@ from springfield.errors import Interrupted
 from springfield.models import count_params, model_spec
 from springfield.training import checkpoint, progress, resume, run_folder
 from springfield.training.assembly import assemble
+from springfield.training.budget import fit_epochs
 from springfield.training.checks import check_config, check_steps_per_epoch
 from springfield.training.epoch import end_epoch, evaluate_epoch, stopped_early, train_epoch
 
@@ -105,6 +106,8 @@ def train_and_evaluate(cfg: TrainConfig, console: Console, started: float) -> Pa
     # Data: folder -> index -> split -> decoded once.
     data = load_data(cfg, console if is_main else None)
     steps_per_epoch = check_steps_per_epoch(cfg, len(data.train.index))
+    if cfg.time_budget:  # the epochs that fit, from this machine's measured step time
+        cfg = fit_epochs(cfg, data, mesh, steps_per_epoch, started, console if is_main else None)
     total_steps = steps_per_epoch * cfg.epochs
 
     # Model, optimizer, steps (assembly.py); state replicated over the mesh.

@@ -49,6 +49,11 @@ MUST_MATCH = (
     "ema",
     "early_size",
     "early_epochs",
+    "pretrained",
+    "weights",
+    "freeze_epochs",
+    "lr_mult",
+    "time_budget",
 )
 
 

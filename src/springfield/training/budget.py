@@ -1,0 +1,156 @@
+"""``--time-budget``: the number of epochs that fits a wall time on this machine.
+
+The same command runs 1.5-2x longer on one 2-core machine than on another (CPU model,
+bfloat16 instructions, load), so a fixed ``--epochs`` cannot promise "ten minutes". Before
+training, the run's own train and eval steps are compiled and timed on a real batch, on a
+copy of the initial state, and the epochs are set from what is left of the budget after
+start-up. The learning-rate schedule depends on the epochs, so the real steps are compiled
+once more with them (the measured compile time is counted for that). The choice is written
+into ``config.json``; resuming the run keeps it instead of measuring again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from springfield import parallel
+from springfield.errors import SpringfieldError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from springfield.config import TrainConfig
+    from springfield.training.inputs import RunData
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+# The final evaluation, eval.json and the report after the last epoch, beyond one pass of
+# the eval step over the validation split (measured: 5-15 s on 2 cores).
+FINAL_OVERHEAD_S = 20.0
+# Step times vary a few percent over a run (input waits, checkpoints, a busy machine).
+MARGIN = 1.07
+
+
+def parse_budget(text: str) -> float:
+    """Seconds in ``text``: ``600``, ``600s``, ``10m``, ``1.5h`` or ``1h30m``."""
+    s = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        seconds = float(s)
+    elif re.fullmatch(r"(\d+(\.\d+)?[smh])+", s):
+        seconds = sum(float(n) * _UNITS[u] for n, _, u in re.findall(r"(\d+(\.\d+)?)([smh])", s))
+    else:
+        raise SpringfieldError(
+            f"--time-budget {text!r}: write a duration such as 600s, 10m, 1.5h or 1h30m."
+        )
+    if seconds <= 0:
+        raise SpringfieldError(f"--time-budget {text!r}: must be more than zero.")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Seconds per train step (and per frozen step of a fine-tune's first epochs, else
+    0), per evaluation pass, and per compilation of the train steps."""
+
+    step_s: float
+    frozen_s: float
+    eval_s: float
+    compile_s: float
+
+
+def measure(cfg: TrainConfig, data: RunData, mesh, steps_per_epoch: int) -> Measured:
+    """Time the train and eval steps ``cfg`` would run, on a batch of the training split."""
+    from springfield.training.assembly import assemble
+    from springfield.training.optim import make_schedule
+
+    schedule = make_schedule(
+        cfg.schedule, lr=cfg.lr, total_steps=steps_per_epoch * cfg.epochs, warmup_steps=0
+    )
+    built = assemble(cfg, data, schedule, mesh, steps_per_epoch=steps_per_epoch)
+    n = parallel.local_batch_size(cfg.batch_size, mesh)
+    images = np.load(data.train.npy, mmap_mode="r")
+    take = np.arange(n) % len(images)
+    batch = {
+        "image": np.ascontiguousarray(images[take]),
+        "label": data.train.labels[take],
+        "mask": np.ones(n, np.float32),
+    }
+    batch = parallel.shard_batch(batch, mesh)
+    key = jax.random.key(0)
+    state = built.state
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        state, metrics = built.train_step(state, batch, key)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times[1:]))
+    compile_s = times[0] - step_s
+    frozen_s = 0.0
+    if built.frozen_step is not None:
+        frozen = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            state, metrics = built.frozen_step(state, batch, key)
+            jax.block_until_ready(metrics)
+            frozen.append(time.perf_counter() - t0)
+        frozen_s = float(np.median(frozen[1:]))
+        compile_s += frozen[0] - frozen_s
+    eval_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(built.eval_step(state.params, state.rest, batch))
+        eval_times.append(time.perf_counter() - t0)
+    eval_passes = math.ceil(len(data.val.index) / n)
+    return Measured(step_s, frozen_s, eval_passes * float(np.median(eval_times[1:])), compile_s)
+
+
+def fit_epochs(
+    cfg: TrainConfig,
+    data: RunData,
+    mesh,
+    steps_per_epoch: int,
+    started: float,
+    console: Console | None,
+) -> TrainConfig:
+    """``cfg`` with ``epochs`` set so that the run ends within ``--time-budget`` of
+    ``started`` (a ``time.perf_counter()`` reading). A run folder that already chose keeps
+    its choice. At least one epoch (after a fine-tune's frozen ones) is trained even when
+    the budget is too small, with a warning."""
+    budget = parse_budget(cfg.time_budget)
+    record = cfg.workdir / "config.json"
+    if record.exists():
+        old = json.loads(record.read_text())
+        if old.get("time_budget") == cfg.time_budget and old.get("epochs"):
+            return replace(cfg, epochs=int(old["epochs"]))
+    from springfield.models import starts_pretrained
+
+    frozen = cfg.freeze_epochs if starts_pretrained(cfg) and cfg.freeze_epochs > 0 else 0
+    least = frozen + 1
+    m = measure(replace(cfg, epochs=least), data, mesh, steps_per_epoch)
+    epoch_s = steps_per_epoch * m.step_s * MARGIN + m.eval_s
+    frozen_epoch_s = steps_per_epoch * m.frozen_s * MARGIN + m.eval_s
+    # The real train steps compile again with the final schedule; the eval step's program
+    # is the same and comes from JAX's cache.
+    left = budget - (time.perf_counter() - started) - m.compile_s - m.eval_s - FINAL_OVERHEAD_S
+    epochs = max(least, frozen + int((left - frozen * frozen_epoch_s) // epoch_s))
+    if console is not None:
+        console.print(
+            f"--time-budget {cfg.time_budget}: {epochs} epochs of about {epoch_s:.0f} s "
+            f"({m.step_s * 1000:.0f} ms a step, {m.eval_s:.1f} s to evaluate, "
+            f"{m.compile_s:.0f} s to compile, measured on this machine just now)."
+        )
+        if left < frozen * frozen_epoch_s + epoch_s:
+            console.print(
+                f"[yellow]--time-budget {cfg.time_budget} is too short for this run: "
+                f"{least} epoch(s) take about {frozen * frozen_epoch_s + epoch_s:.0f} s more "
+                "than it leaves.[/yellow]"
+            )
+    return replace(cfg, epochs=epochs)
