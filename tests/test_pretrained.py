@@ -197,6 +197,7 @@ def test_a_fine_tune_killed_midway_resumes_to_the_same_parameters(tiny_folder, t
            "--workdir", str(killed), *FT, "--checkpoint-every", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=_child_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
+
     # Killed in the second (unfrozen) epoch, after its first steps are saved.
     def saved_in_epoch_two() -> bool:
         folder = killed / "checkpoints"

@@ -131,4 +131,3 @@ def check_finetune(cfg: TrainConfig) -> None:
                 "--time-budget with --distributed: each process would measure its own speed "
                 "and choose its own epochs; give --epochs instead."
             )
-

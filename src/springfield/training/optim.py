@@ -226,6 +226,7 @@ def scaled_rates(
 ) -> LayerRates:
     """``schedule`` for the head and ``--lr-mult``'s fractions of it for the earlier layers,
     nothing frozen: what the learning-rate finder sweeps for a fine-tune."""
+
     def times(m: float) -> optax.Schedule:
         return lambda step: m * schedule(step)
 
