@@ -34,8 +34,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600}
 # The final evaluation, eval.json and the report after the last epoch, beyond one pass of
 # the eval step over the validation split (measured: 5-15 s on 2 cores).
 FINAL_OVERHEAD_S = 20.0
-# Step times vary a few percent over a run (input waits, checkpoints, a busy machine).
-MARGIN = 1.07
+# Step times vary a few percent over a run (checkpoints, a busy machine).
+MARGIN = 1.05
 
 
 def parse_budget(text: str) -> float:
@@ -68,6 +68,7 @@ class Measured:
 def measure(cfg: TrainConfig, data: RunData, mesh, steps_per_epoch: int) -> Measured:
     """Time the train and eval steps ``cfg`` would run, on a batch of the training split."""
     from springfield.training.assembly import assemble
+    from springfield.training.inputs import train_iterator
     from springfield.training.optim import make_schedule
 
     schedule = make_schedule(
@@ -75,34 +76,36 @@ def measure(cfg: TrainConfig, data: RunData, mesh, steps_per_epoch: int) -> Meas
     )
     built = assemble(cfg, data, schedule, mesh, steps_per_epoch=steps_per_epoch)
     n = parallel.local_batch_size(cfg.batch_size, mesh)
-    images = np.load(data.train.npy, mmap_mode="r")
-    take = np.arange(n) % len(images)
-    batch = {
-        "image": np.ascontiguousarray(images[take]),
-        "label": data.train.labels[take],
-        "mask": np.ones(n, np.float32),
-    }
-    batch = parallel.shard_batch(batch, mesh)
+    # Batches from a pipeline of its own, as training will have it: on a 2-core machine the
+    # input workers take CPU from the step (timed on a fixed batch, an epoch came out 1.5x
+    # shorter than it then took). The run's own iterator is untouched.
+    probe = replace(cfg, epochs=16, early_epochs=0)  # enough batches for any split size
+    batches = train_iterator(probe, data.train, n, steps_per_epoch, 16)
     key = jax.random.key(0)
     state = built.state
-    times = []
-    for _ in range(4):
-        t0 = time.perf_counter()
-        state, metrics = built.train_step(state, batch, key)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times[1:]))
-    compile_s = times[0] - step_s
-    frozen_s = 0.0
-    if built.frozen_step is not None:
-        frozen = []
-        for _ in range(4):
+
+    def timed(step, count: int) -> tuple[float, float]:
+        # (the first call, with its compilation; the median of the others)
+        nonlocal state
+        times = []
+        for _ in range(count):
+            batch = parallel.shard_batch(next(batches), mesh)
             t0 = time.perf_counter()
-            state, metrics = built.frozen_step(state, batch, key)
+            state, metrics = step(state, batch, key)
             jax.block_until_ready(metrics)
-            frozen.append(time.perf_counter() - t0)
-        frozen_s = float(np.median(frozen[1:]))
-        compile_s += frozen[0] - frozen_s
+            times.append(time.perf_counter() - t0)
+        return times[0], float(np.median(times[1:]))
+
+    try:
+        first, step_s = timed(built.train_step, 8)
+        compile_s = first - step_s
+        frozen_s = 0.0
+        if built.frozen_step is not None:
+            first, frozen_s = timed(built.frozen_step, 6)
+            compile_s += first - frozen_s
+        batch = parallel.shard_batch(next(batches), mesh)
+    finally:
+        batches.close()
     eval_times = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -135,12 +138,11 @@ def fit_epochs(
     frozen = cfg.freeze_epochs if starts_pretrained(cfg) and cfg.freeze_epochs > 0 else 0
     least = frozen + 1
     m = measure(replace(cfg, epochs=least), data, mesh, steps_per_epoch)
+    left = budget - (time.perf_counter() - started)
+    epochs = epochs_that_fit(left, m, steps_per_epoch, frozen)
     epoch_s = steps_per_epoch * m.step_s * MARGIN + m.eval_s
     frozen_epoch_s = steps_per_epoch * m.frozen_s * MARGIN + m.eval_s
-    # The real train steps compile again with the final schedule; the eval step's program
-    # is the same and comes from JAX's cache.
-    left = budget - (time.perf_counter() - started) - m.compile_s - m.eval_s - FINAL_OVERHEAD_S
-    epochs = max(least, frozen + int((left - frozen * frozen_epoch_s) // epoch_s))
+    left -= m.compile_s + m.eval_s + FINAL_OVERHEAD_S
     if console is not None:
         console.print(
             f"--time-budget {cfg.time_budget}: {epochs} epochs of about {epoch_s:.0f} s "
@@ -154,3 +156,14 @@ def fit_epochs(
                 "than it leaves.[/yellow]"
             )
     return replace(cfg, epochs=epochs)
+
+
+def epochs_that_fit(left_s: float, m: Measured, steps_per_epoch: int, frozen: int) -> int:
+    """How many epochs fit in ``left_s`` seconds at the speeds ``m``: ``frozen`` epochs at
+    the frozen step's speed first, at least one epoch after them. The real train steps
+    compile once more (their schedule depends on the answer; the eval step's program comes
+    from JAX's cache), and the final evaluation and report follow the last epoch."""
+    epoch_s = steps_per_epoch * m.step_s * MARGIN + m.eval_s
+    frozen_epoch_s = steps_per_epoch * m.frozen_s * MARGIN + m.eval_s
+    left = left_s - m.compile_s - m.eval_s - FINAL_OVERHEAD_S - frozen * frozen_epoch_s
+    return frozen + max(1, int(left // epoch_s))
