@@ -110,8 +110,10 @@ _PRESETS_HELP = (
     "momentum 0.9, lr 0.01, L2 5e-4, 50 epochs); --preset simpsons is the recommended recipe "
     "for real frames and drawings of the characters (docs/results.md); --preset "
     "simpsons-quick is the same recipe in 72 epochs without --style, about 10 minutes on 2 "
-    "cores for all six classes. --config FILE: the settings of a JSON or YAML file of "
-    "train flags (a run's own config.json reruns that run). Flags override both."
+    "cores for all six classes; --preset simpsons-pretrained fine-tunes EfficientNet-Lite0 "
+    "from ImageNet weights in a 10-minute --time-budget (docs/pretrained.md). --config "
+    "FILE: the settings of a JSON or YAML file of train flags (a run's own config.json "
+    "reruns that run). Flags override both."
 )
 
 
