@@ -34,6 +34,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600}
 # The final evaluation, eval.json and the report after the last epoch, beyond one pass of
 # the eval step over the validation split (measured: 5-15 s on 2 cores).
 FINAL_OVERHEAD_S = 20.0
+# Untimed steps after the first: what the input workers prefetched while it compiled.
+DRAIN = 10
 # Step times vary a few percent over a run (checkpoints, a busy machine).
 MARGIN = 1.05
 
@@ -79,22 +81,28 @@ def measure(cfg: TrainConfig, data: RunData, mesh, steps_per_epoch: int) -> Meas
     # Batches from a pipeline of its own, as training will have it: on a 2-core machine the
     # input workers take CPU from the step (timed on a fixed batch, an epoch came out 1.5x
     # shorter than it then took). The run's own iterator is untouched.
-    probe = replace(cfg, epochs=16, early_epochs=0)  # enough batches for any split size
-    batches = train_iterator(probe, data.train, n, steps_per_epoch, 16)
+    # Enough batches for any split size.
+    probe = replace(cfg, epochs=64, early_epochs=0)
+    batches = train_iterator(probe, data.train, n, steps_per_epoch, 64)
     key = jax.random.key(0)
     state = built.state
 
     def timed(step, count: int) -> tuple[float, float]:
-        # (the first call, with its compilation; the median of the others)
+        # (the first call, with its compilation; the mean step of the last `count`). While
+        # the first call compiles, the workers fill their prefetch buffers (up to 8 batches
+        # here): steps served from them run without the workers' competition, so they are
+        # left out of the mean (they made a 63 s epoch look like 47 s).
         nonlocal state
-        times = []
-        for _ in range(count):
-            batch = parallel.shard_batch(next(batches), mesh)
-            t0 = time.perf_counter()
-            state, metrics = step(state, batch, key)
+        t0 = time.perf_counter()
+        state, metrics = step(state, parallel.shard_batch(next(batches), mesh), key)
+        jax.block_until_ready(metrics)
+        first = time.perf_counter() - t0
+        for i in range(DRAIN + count):
+            if i == DRAIN:
+                t0 = time.perf_counter()
+            state, metrics = step(state, parallel.shard_batch(next(batches), mesh), key)
             jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t0)
-        return times[0], float(np.median(times[1:]))
+        return first, (time.perf_counter() - t0) / count
 
     try:
         first, step_s = timed(built.train_step, 8)
