@@ -10,7 +10,13 @@ from test_faults import FAST, _error, _rows
 
 from springfield.cli import main
 from springfield.errors import SpringfieldError
-from springfield.training.budget import FINAL_OVERHEAD_S, Measured, epochs_that_fit, parse_budget
+from springfield.training.budget import (
+    FINAL_OVERHEAD_S,
+    MARGIN,
+    Measured,
+    epochs_that_fit,
+    parse_budget,
+)
 
 
 @pytest.mark.parametrize(
@@ -28,15 +34,19 @@ def test_unreadable_budgets_name_the_flag(text):
 
 def test_the_epochs_that_fit_follow_the_measured_speeds():
     m = Measured(step_s=0.5, frozen_s=0.1, eval_s=4.0, compile_s=10.0)
-    # 10 steps an epoch: 5 s train * 1.05 + 4 s eval = 9.25 s; after 10 s compile, 4 s final
-    # eval and the report's allowance, 100 s hold 10 epochs and 60 s hold 6.
-    assert epochs_that_fit(100 + 10 + 4 + FINAL_OVERHEAD_S, m, 10, frozen=0) == 10
-    assert epochs_that_fit(60 + 10 + 4 + FINAL_OVERHEAD_S, m, 10, frozen=0) == 6
-    # A frozen epoch costs its own (cheaper) steps: 1 s * 1.05 + 4 s.
-    assert epochs_that_fit(60 + 10 + 4 + FINAL_OVERHEAD_S, m, 10, frozen=1) == 6
-    # Twice the step time (14.5 s an epoch): 6; never fewer than one after the frozen.
+    overhead = 10 + 4 + FINAL_OVERHEAD_S  # one more compilation, the final evaluation, report
+    epoch_s = 10 * 0.5 * MARGIN + 4  # 10 steps and an evaluation
+    assert epochs_that_fit(overhead + 9 * epoch_s + 0.1, m, 10, frozen=0) == 9
+    assert epochs_that_fit(overhead + 9 * epoch_s - 0.1, m, 10, frozen=0) == 8
+    # A frozen epoch costs its own, cheaper steps.
+    frozen_s = 10 * 0.1 * MARGIN + 4
+    assert epochs_that_fit(overhead + frozen_s + 3 * epoch_s + 0.1, m, 10, frozen=1) == 4
+    # Twice the step time: about half the epochs.
     slow = Measured(step_s=1.0, frozen_s=0.2, eval_s=4.0, compile_s=10.0)
-    assert epochs_that_fit(100 + 10 + 4 + FINAL_OVERHEAD_S, slow, 10, frozen=0) == 6
+    assert epochs_that_fit(overhead + 9 * epoch_s + 0.1, slow, 10, frozen=0) == int(
+        9 * epoch_s // (10 * MARGIN + 4)
+    )
+    # Never fewer than one epoch after the frozen ones.
     assert epochs_that_fit(5, slow, 10, frozen=2) == 3
 
 
