@@ -8,6 +8,7 @@ import json
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from test_faults import _child_env, _leaves, _rows, _wait_until, checkpoint_step
 
 from springfield.cli import main
 from springfield.errors import SpringfieldError
-from springfield.models import build_model, pretrained
+from springfield.models import pretrained
 from springfield.models.depthwise import depthwise_conv
 from springfield.models.efficientnet import EfficientNetLite
 from springfield.models.layers import xla_convolutions
@@ -215,11 +216,13 @@ def test_a_fine_tune_killed_midway_resumes_to_the_same_parameters(tiny_folder, t
 
 
 def test_no_pretrained_starts_from_random_weights():
-    with xla_convolutions():
-        model = EfficientNetLite(4, "efficientnet-lite0", rngs=nnx.Rngs(0))
-    built = build_model("efficientnet-lite0", 4, image_size=(32, 32))
-    # build_model alone never loads weights: the stem is the random one of its seed.
-    assert not np.allclose(np.asarray(built.stem.kernel[...]), 0)
+    from springfield.config import TrainConfig
+    from springfield.models import model_of_config
+
     weights = pretrained.imagenet_weights("efficientnet-lite0")
     stem = weights["_conv_stem.weight"].transpose(2, 3, 1, 0)
-    assert not np.allclose(np.asarray(model.stem.kernel[...]), stem)
+    cfg = TrainConfig(model="efficientnet-lite0", image_size=(32, 32))
+    loaded = model_of_config(cfg, 4)
+    assert np.array_equal(np.asarray(loaded.stem.kernel[...]), stem)
+    fresh = model_of_config(replace(cfg, pretrained=False), 4)
+    assert not np.allclose(np.asarray(fresh.stem.kernel[...]), stem)

@@ -216,9 +216,9 @@ def model_of_config(cfg, num_classes: int, *, initial_weights: bool = True) -> n
     )
     if not initial_weights:  # a checkpoint's weights go in next
         return model
-    if getattr(cfg, "weights", None):
+    if cfg.weights:
         pretrained.load_user_weights(model, cfg.model, cfg.weights)
-    elif getattr(cfg, "pretrained", False) and MODELS[cfg.model].load_pretrained:
+    elif cfg.pretrained and MODELS[cfg.model].load_pretrained:
         MODELS[cfg.model].load_pretrained(model)
     return model
 

@@ -24,7 +24,7 @@ from flax import nnx
 from jax import lax
 
 from springfield.models.depthwise import depthwise_conv
-from springfield.models.layers import Conv, activation_dtype, norm_impl
+from springfield.models.layers import Conv, activation_dtype, keep_input_type, norm_impl
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage, for width and
 # depth multipliers of 1 (efficientnet_lite_builder.py of the TensorFlow reference).
@@ -106,7 +106,7 @@ class MBConv(nnx.Module):
             feature_group_count=mid,
             use_bias=False,
             conv_general_dilated=depthwise_conv,
-            promote_dtype=_keep_input_type,
+            promote_dtype=keep_input_type,
             rngs=rngs,
         )
         self.dw_bn = _bn(mid, rngs)
@@ -121,11 +121,6 @@ class MBConv(nnx.Module):
         y = self.norm(self.dw_bn, self.dw(y), train=train, act=relu6)
         y = self.norm(self.project_bn, self.project(y), train=train)
         return y + x if self.residual else y
-
-
-def _keep_input_type(args: tuple, dtype=None, **kwargs) -> tuple:
-    # depthwise_conv chooses the arithmetic's type itself.
-    return args
 
 
 class EfficientNetLite(nnx.Module):

@@ -289,7 +289,7 @@ def Conv(  # noqa: N802 - a module constructor
     bfloat16 input reaches it as it is, not promoted to the weights' float32."""
     impl = conv_impl(materialise)
     if getattr(impl, "bfloat16_activations", False):
-        kwargs.setdefault("promote_dtype", _keep_input_type)
+        kwargs.setdefault("promote_dtype", keep_input_type)
     return nnx.Conv(in_features, out_features, kernel_size, conv_general_dilated=impl, **kwargs)
 
 
@@ -306,11 +306,13 @@ def Dense(in_features: int, out_features: int, **kwargs: Any) -> nnx.Linear:  # 
         wanted == "1" or (wanted != "0" and not runtime.cpu_has_amx())
     ):
         kwargs.setdefault("dot_general", onednn.make_dense_dot())
-        kwargs.setdefault("promote_dtype", _keep_input_type)
+        kwargs.setdefault("promote_dtype", keep_input_type)
     return nnx.Linear(in_features, out_features, **kwargs)
 
 
-def _keep_input_type(args: tuple, dtype: Any = None, **kwargs: Any) -> tuple:
+def keep_input_type(args: tuple, dtype: Any = None, **kwargs: Any) -> tuple:
+    """An ``nnx`` ``promote_dtype`` that promotes nothing: the layer's operation chooses the
+    arithmetic's type itself."""
     # The convolution (or product) casts what it multiplies; the bias promotes the output.
     return args
 

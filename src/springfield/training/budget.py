@@ -147,24 +147,21 @@ def fit_epochs(
     from springfield.models import starts_pretrained
 
     frozen = cfg.freeze_epochs if starts_pretrained(cfg) and cfg.freeze_epochs > 0 else 0
-    least = frozen + 1
-    m = measure(replace(cfg, epochs=least), data, mesh, steps_per_epoch)
+    m = measure(replace(cfg, epochs=frozen + 1), data, mesh, steps_per_epoch)
     left = budget - (time.perf_counter() - started)
     epochs = epochs_that_fit(left, m, steps_per_epoch, frozen)
-    epoch_s = steps_per_epoch * m.step_s * MARGIN + m.eval_s
-    frozen_epoch_s = steps_per_epoch * m.frozen_s * MARGIN + m.eval_s
-    left -= m.compile_s + m.eval_s + FINAL_OVERHEAD_S
+    epoch_s = _epoch_seconds(m.step_s, m, steps_per_epoch)
     if console is not None:
         console.print(
             f"--time-budget {cfg.time_budget}: {epochs} epochs of about {epoch_s:.0f} s "
             f"({m.step_s * 1000:.0f} ms a step, {m.eval_s:.1f} s to evaluate, "
             f"{m.compile_s:.0f} s to compile, measured on this machine just now)."
         )
-        if left < frozen * frozen_epoch_s + epoch_s:
+        short = epoch_s - _spare_seconds(left, m, steps_per_epoch, frozen)
+        if short > 0:
             console.print(
                 f"[yellow]--time-budget {cfg.time_budget} is too short for this run: "
-                f"{least} epoch(s) take about {frozen * frozen_epoch_s + epoch_s:.0f} s more "
-                "than it leaves.[/yellow]"
+                f"{frozen + 1} epoch(s) take about {short:.0f} s more than it leaves.[/yellow]"
             )
     return replace(cfg, epochs=epochs)
 
@@ -174,7 +171,15 @@ def epochs_that_fit(left_s: float, m: Measured, steps_per_epoch: int, frozen: in
     the frozen step's speed first, at least one epoch after them. The real train steps
     compile once more (their schedule depends on the answer; the eval step's program comes
     from JAX's cache), and the final evaluation and report follow the last epoch."""
-    epoch_s = steps_per_epoch * m.step_s * MARGIN + m.eval_s
-    frozen_epoch_s = steps_per_epoch * m.frozen_s * MARGIN + m.eval_s
-    left = left_s - m.compile_s - m.eval_s - FINAL_OVERHEAD_S - frozen * frozen_epoch_s
-    return frozen + max(1, int(left // epoch_s))
+    spare = _spare_seconds(left_s, m, steps_per_epoch, frozen)
+    return frozen + max(1, int(spare // _epoch_seconds(m.step_s, m, steps_per_epoch)))
+
+
+def _epoch_seconds(step_s: float, m: Measured, steps_per_epoch: int) -> float:
+    return steps_per_epoch * step_s * MARGIN + m.eval_s
+
+
+def _spare_seconds(left_s: float, m: Measured, steps_per_epoch: int, frozen: int) -> float:
+    # What `left_s` leaves for the unfrozen epochs.
+    overhead = m.compile_s + m.eval_s + FINAL_OVERHEAD_S
+    return left_s - overhead - frozen * _epoch_seconds(m.frozen_s, m, steps_per_epoch)
