@@ -396,10 +396,11 @@ def test_decompression_bomb_refused_from_header(tmp_path: Path, pillow_check: bo
     assert refused == 3
     assert growth < 50, growth
     # The control: the same file with our limit raised past it is decoded, and the same
-    # measurement sees the memory that costs (90 Mpx: 90 MB as 1-bit, 360 MB as RGB).
+    # measurement sees the memory that costs (90 Mpx: 90 MB as 1-bit, 270 MB as RGB; a fresh
+    # CI install measured 266 MB, so the bar sits at 4x the refused case's 50 MB).
     if not pillow_check:
         refused, growth = _peak_rss_growth_mb(path, pillow_check=False, our_limit=10**9)
-        assert refused == 0 and growth > 300, growth
+        assert refused == 0 and growth > 200, growth
 
 
 def test_bomb_claiming_900_mpx_refused_with_its_size(tmp_path: Path) -> None:
