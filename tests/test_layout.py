@@ -88,3 +88,33 @@ def test_no_submodule_shadows_an_api_name():
         assert callable(getattr(springfield, name)) or isinstance(
             getattr(springfield, name), dict
         ), name
+
+
+def test_the_command_reaches_the_train_step_in_three_calls(tiny_folder, tmp_path):
+    # `springfield train` is the Python API: cli.main -> api.train -> loop.train -> the step.
+    # Counted on the real call stack when the jitted step first traces its Python function.
+    from springfield.cli import main
+
+    stacks: list[list[str]] = []
+
+    def profile(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and code.co_name == "train_step" and code.co_filename.endswith(
+            "steps.py"
+        ):
+            names, f = [], frame.f_back
+            while f is not None and f.f_code.co_name != "main":
+                if "/jax/" not in f.f_code.co_filename:  # jit's own frames do not count
+                    names.append(f"{Path(f.f_code.co_filename).stem}.{f.f_code.co_name}")
+                f = f.f_back
+            stacks.append(names[::-1])
+
+    argv = ["train", "--data", str(tiny_folder), "--workdir", str(tmp_path / "r"), "--epochs", "1"]
+    sys.setprofile(profile)
+    try:
+        code = main([*argv, "--image-size", "32", "32", "--batch-size", "8", "--workers", "0"])
+    finally:
+        sys.setprofile(None)
+    assert code == 0 and stacks, "the train step was never traced"
+    # Calls from main: api.train, loop.train, and loop.train's call of the step.
+    assert stacks[0] == ["api.train", "loop.train"], stacks[0]

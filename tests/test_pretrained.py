@@ -167,7 +167,7 @@ def test_frozen_steps_leave_the_body_and_its_statistics_bit_identical(tiny_folde
     cfg = resolve(cfg)
     data = load_data(cfg, None)
     mesh = make_mesh()
-    built = assemble(cfg, data, lambda step: 1e-2, mesh, steps_per_epoch=5)
+    built = assemble(cfg, data, mesh, steps_per_epoch=5, schedule=lambda step: 1e-2)
     assert built.frozen_steps == 5 and built.frozen_step is not None
     before = jax.tree.map(np.asarray, (built.state.params, built.state.rest))
     state = built.state
@@ -214,6 +214,18 @@ def test_a_fine_tune_killed_midway_resumes_to_the_same_parameters(tiny_folder, t
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert _rows(straight) == _rows(killed)
 
+    # Its export (input scaling inside the model, discriminative-rate optimizer left out)
+    # predicts the run's own probabilities.
+    from springfield.inference import load
+
+    files = sorted((tiny_folder / "bart_simpson").iterdir())[:4]
+    files += sorted((tiny_folder / "homer_simpson").iterdir())[:4]
+    exported = tmp_path / "exported"
+    assert main(["export", str(straight), str(exported)]) == 0
+    expected = load(straight).probabilities(files)
+    np.testing.assert_allclose(load(exported).probabilities(files), expected, atol=1e-5, rtol=0)
+    assert len({tuple(np.round(p, 4)) for p in expected}) > 1  # not one answer for all
+
 
 def test_no_pretrained_starts_from_random_weights():
     from springfield.config import TrainConfig
@@ -226,3 +238,16 @@ def test_no_pretrained_starts_from_random_weights():
     assert np.array_equal(np.asarray(loaded.stem.kernel[...]), stem)
     fresh = model_of_config(replace(cfg, pretrained=False), 4)
     assert not np.allclose(np.asarray(fresh.stem.kernel[...]), stem)
+
+
+def test_lr_find_sweeps_a_fine_tune(tiny_folder, tmp_path):
+    import springfield
+
+    sweep = dict(data=tiny_folder, model="efficientnet-lite0", image_size=(32, 32), batch_size=8,
+                 workers=0, start_lr=1e-5, end_lr=1.0, steps=8, quiet=True)  # fmt: skip
+    found = springfield.lr_find(workdir=tmp_path / "ft", **sweep)
+    assert 1e-5 <= found.suggestion <= 1.0 and len(found.losses) >= 2
+    assert (tmp_path / "ft" / "lr_find.png").exists()
+    # It swept the ImageNet start (the same first batch from random weights loses otherwise).
+    scratch = springfield.lr_find(workdir=tmp_path / "scratch", pretrained=False, **sweep)
+    assert found.losses[0] != scratch.losses[0]

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from springfield.config import TrainConfig, from_json, preset_config, scale_early_epochs
+from springfield.config import (
+    TrainConfig,
+    base_config,
+    from_json,
+    read_config_file,
+    scale_early_epochs,
+)
 from springfield.errors import SpringfieldError
 
 if TYPE_CHECKING:
@@ -82,13 +88,19 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def make_config(
-    config: TrainConfig | dict | None = None, *, preset: str | None = None, **overrides: Any
+    config: TrainConfig | dict | None = None,
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    **overrides: Any,
 ) -> TrainConfig:
     """A :class:`TrainConfig` from a config, a dict or keyword arguments of its fields.
 
-    ``preset`` starts from ``--preset NAME``'s settings, as on the command line (its early
-    epochs scaled to ``epochs=`` unless ``early_epochs=`` is given). Strings are accepted for
-    paths, lists for tuples. An unknown name is refused with the closest field named.
+    ``preset`` starts from ``--preset NAME``'s settings and ``config_file`` (JSON or YAML,
+    e.g. a run's ``config.json``) from that file's, as on the command line
+    (:func:`~springfield.config.base_config`; a preset's early epochs scaled to ``epochs=``
+    unless ``early_epochs=`` is given). Strings are accepted for paths, lists for tuples. An
+    unknown name is refused with the closest field named.
     """
     if isinstance(config, dict):
         overrides = {**config, **overrides}
@@ -101,15 +113,18 @@ def make_config(
                 f"{key}={overrides[key]!r}: not a TrainConfig field{hint}; see "
                 "help(springfield.TrainConfig) or `springfield train --help`."
             )
-    base = config if config is not None else preset_config(preset)
+    if config is None:
+        config = base_config(preset, None if config_file is None else Path(config_file))
+    base = config
     values = {k: _coerce(v) for k, v in overrides.items()}
     for k in ("data", "workdir"):
         if isinstance(values.get(k), str):
             values[k] = Path(values[k])
     cfg = dataclasses.replace(base, **values)
     if preset is not None:
-        typed = [f"--{k.replace('_', '-')}" for k in overrides]
-        cfg = scale_early_epochs(cfg, preset, typed)
+        # Settings the file gives count as given: a rerun keeps its early epochs.
+        given = [*overrides, *(read_config_file(Path(config_file)) if config_file else ())]
+        cfg = scale_early_epochs(cfg, preset, [f"--{k.replace('_', '-')}" for k in given])
     return cfg
 
 
@@ -122,8 +137,10 @@ def train(
     /,
     *,
     preset: str | None = None,
+    config_file: str | Path | None = None,
     console: Console | None = None,
     quiet: bool = False,
+    started: float | None = None,
     **overrides: Any,
 ) -> Run:
     """Train a classifier (or resume its run folder) and return the :class:`Run`.
@@ -141,9 +158,13 @@ def train(
 
     Args:
         config: base settings (default: ``TrainConfig()`` or the preset's).
-        preset: ``"simpsons"`` or ``"seed"``, as ``--preset``.
+        preset: a preset's name, as ``--preset`` (``springfield.PRESETS``).
+        config_file: a JSON or YAML file of settings, as ``--config`` (e.g. a run's
+            ``config.json``).
         console: a rich Console for the progress output (default: stdout).
         quiet: print nothing.
+        started: a ``time.perf_counter()`` reading that the first epoch's
+            ``first_step_seconds`` counts from (default: this call).
         **overrides: TrainConfig fields.
 
     Returns:
@@ -159,9 +180,9 @@ def train(
     from springfield.runtime import setup_runtime
     from springfield.training.loop import train as train_loop
 
-    cfg = make_config(config, preset=preset, **overrides)
+    cfg = make_config(config, preset=preset, config_file=config_file, **overrides)
     setup_runtime()
-    path = train_loop(cfg, console=Console(quiet=True) if quiet else console)
+    path = train_loop(cfg, Console(quiet=True) if quiet else console, started=started)
     return Run.read(path)
 
 
@@ -170,6 +191,7 @@ def lr_find(
     /,
     *,
     preset: str | None = None,
+    config_file: str | Path | None = None,
     console: Console | None = None,
     quiet: bool = False,
     start_lr: float = 1e-6,
@@ -199,7 +221,7 @@ def lr_find(
     from springfield.training.loop import resolve
     from springfield.training.run_folder import make_workdir
 
-    cfg = make_config(config, preset=preset, **overrides)
+    cfg = make_config(config, preset=preset, config_file=config_file, **overrides)
     if cfg.workdir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg = dataclasses.replace(cfg, workdir=Path("runs") / f"lr-find-{stamp}")
@@ -226,6 +248,7 @@ def compare(
     seeds: tuple[int, ...] | list[int] = (0,),
     workdir: str | Path,
     preset: str | None = None,
+    config_file: str | Path | None = None,
     console: Console | None = None,
     quiet: bool = False,
     **overrides: Any,
@@ -252,7 +275,7 @@ def compare(
     from springfield.comparison import variants_from_values
     from springfield.runtime import setup_runtime
 
-    base = make_config(config, preset=preset, **overrides)
+    base = make_config(config, preset=preset, config_file=config_file, **overrides)
     variants = variants_from_values(base, vary)
     setup_runtime()
     console = Console(quiet=True) if quiet else console or Console()

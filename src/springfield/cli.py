@@ -174,18 +174,15 @@ def _file_keys(file: Path) -> list[str]:
     return [k.replace("_", "-") for k in read_config_file(file)]
 
 
-def _train(argv: list[str], console: Console) -> None:
-    from springfield.training.loop import train
-
+def _train_config(argv: list[str]) -> TrainConfig:
+    """``springfield train``'s config from its flags, printed (on stderr) before it runs."""
     cfg = _train_flags(TrainConfig, argv, "springfield train")[1]
     _log.print_json(
         json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
         )
     )
-    workdir = train(cfg, console=_log, started=process_start())
-    # The result on stdout: the run folder, for scripts (run=$(springfield train ...)).
-    print(workdir)
+    return cfg
 
 
 def _write_report(trained, split, predictions, result, out_dir: Path, *, samples: bool) -> Path:
@@ -376,7 +373,6 @@ def _compare(argv: list[str], console: Console) -> None:
 
 
 COMMANDS = {
-    "train": _train,
     "eval": _eval,
     "predict": _predict,
     "report": _report,
@@ -403,12 +399,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"springfield {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
+    if command not in COMMANDS and command != "train":
         Console(stderr=True).print(f"[red]error:[/] unknown command {command!r}.\n{USAGE}")
         return 2
     try:
         setup_runtime()
-        COMMANDS[command](rest, console)
+        if command == "train":  # the Python API itself: main -> api.train -> loop -> step
+            from springfield import api
+
+            run = api.train(_train_config(rest), console=_log, started=process_start())
+            # The result on stdout: the run folder, for scripts (run=$(springfield train ...)).
+            print(run.path)
+        else:
+            COMMANDS[command](rest, console)
     except Interrupted as e:
         _print_error(f"[yellow]stopped:[/] {escape(str(e))}")
         return 130

@@ -19,9 +19,9 @@ from flax import nnx
 from springfield import runtime
 from springfield.config import TrainConfig, from_json
 from springfield.errors import SpringfieldError
-from springfield.models import model_of_config, starts_pretrained
 from springfield.training import checkpoint
-from springfield.training.optim import build_optimizer, make_schedule, scaled_rates
+from springfield.training.assembly import model_and_optimizer
+from springfield.training.optim import make_schedule
 from springfield.training.steps import TrainState, eval_params, make_eval_step
 
 if TYPE_CHECKING:
@@ -82,15 +82,11 @@ def load_run(run_dir: Path, *, allow_import: bool = False) -> TrainedModel:
         manager.close()
         raise
     # The checkpoint holds the weights: no ImageNet or --weights file is read here.
-    model = model_of_config(cfg, len(classes), initial_weights=False)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # The optimizer state is restored too (orbax needs the full tree); only the --ema
     # average, when kept, is used from it. A fine-tune's has one state per layer group.
     schedule = make_schedule(cfg.schedule, lr=cfg.lr, total_steps=2, warmup_steps=0)
-    rates = None
-    if starts_pretrained(cfg):
-        rates = scaled_rates(cfg, schedule, model.layer_group, model.layer_groups)
-    tx = build_optimizer(cfg, schedule, rates)
+    model, tx, _, _ = model_and_optimizer(cfg, len(classes), schedule, initial_weights=False)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     target = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
     try:
         state = checkpoint.restore(manager, step, target)

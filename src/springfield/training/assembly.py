@@ -1,8 +1,9 @@
-"""One config -> the model, optimizer, initial state and jitted steps that train it.
+"""One config -> the model, optimizer, schedule, initial state and jitted steps that train it.
 
-``springfield train`` and the learning-rate finder both build their steps here, so a
-setting that changes the loss (label smoothing, mixup, class weights, ...) changes it for
-both: the finder sweeps the loss that training then minimises.
+``springfield train``, the time budget's probe and the learning-rate finder build their steps
+here, so a setting that changes the loss (label smoothing, mixup, class weights, ...) changes
+it for all: the finder sweeps the loss that training then minimises. Loading a trained run
+(eval, predict, serve, export) builds its model and optimizer here too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from springfield.training.optim import (
     build_fused_update,
     build_optimizer,
     finetune_rates,
+    make_schedule,
     scaled_rates,
 )
 from springfield.training.steps import TrainState, init_state, make_eval_step, make_train_step
@@ -54,22 +56,37 @@ def class_weights_of(cfg: TrainConfig, data: RunData) -> Any:
     return loss_weights(data.train.labels, len(data.classes))
 
 
-def assemble(
+def run_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate by step of a run of ``cfg`` (``--schedule``, ``--lr``, ``--epochs``,
+    ``--warmup-epochs``)."""
+    return make_schedule(
+        cfg.schedule,
+        lr=cfg.lr,
+        total_steps=steps_per_epoch * cfg.epochs,
+        warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
+    )
+
+
+def model_and_optimizer(
     cfg: TrainConfig,
-    data: RunData,
+    num_classes: int,
     schedule: optax.Schedule,
-    mesh: jax.sharding.Mesh,
     *,
     steps_per_epoch: int | None = None,
-) -> Assembly:
-    """A fresh model of ``cfg`` for ``data``'s classes, its optimizer on ``schedule``, the
-    initial state (replicated over ``mesh``) and the train and eval steps.
+    initial_weights: bool = True,
+) -> tuple[nnx.Module, optax.GradientTransformation, optax.Schedule, LayerRates | None]:
+    """A model of ``cfg`` with ``num_classes`` outputs and its optimizer on ``schedule``;
+    also the head's schedule and a fine-tune's per-group rates (None when it learns from
+    scratch). Training and the loading of a trained run (``trained_run.py``) both build them
+    here, so a checkpoint's optimizer state always has the structure training saved.
 
     A model that starts from trained weights (:func:`~springfield.models.starts_pretrained`)
-    is fine-tuned: given ``steps_per_epoch``, with ``--freeze-epochs`` of its head alone
-    (``frozen_step``) and then discriminative rates (:func:`~.optim.finetune_rates`);
-    without it (the learning-rate finder), ``schedule`` scaled per layer group."""
-    model = model_of_config(cfg, len(data.classes))
+    is fine-tuned: given ``steps_per_epoch``, with ``--freeze-epochs`` of its head alone and
+    then discriminative rates (:func:`~.optim.finetune_rates`); without it (the
+    learning-rate finder, a trained run's restore), ``schedule`` scaled per layer group.
+    ``initial_weights=False`` skips reading ImageNet or ``--weights`` files (a checkpoint
+    will overwrite them)."""
+    model = model_of_config(cfg, num_classes, initial_weights=initial_weights)
     rates: LayerRates | None = None
     if starts_pretrained(cfg):
         groups = model.layer_groups
@@ -84,7 +101,30 @@ def assemble(
                 total_steps=steps_per_epoch * cfg.epochs,
             )
         schedule = rates.schedules[-1]
-    tx = build_optimizer(cfg, schedule, rates)
+    return model, build_optimizer(cfg, schedule, rates), schedule, rates
+
+
+def assemble(
+    cfg: TrainConfig,
+    data: RunData,
+    mesh: jax.sharding.Mesh,
+    *,
+    steps_per_epoch: int | None = None,
+    schedule: optax.Schedule | None = None,
+) -> Assembly:
+    """A fresh model of ``cfg`` for ``data``'s classes, its optimizer, the initial state
+    (replicated over ``mesh``) and the train and eval steps.
+
+    The optimizer follows ``schedule``, by default the run's (:func:`run_schedule`, which
+    needs ``steps_per_epoch``); a fine-tune's is built per layer group
+    (:func:`model_and_optimizer`), with a ``frozen_step`` for its ``--freeze-epochs``."""
+    if schedule is None:
+        if steps_per_epoch is None:
+            raise ValueError("assemble: give steps_per_epoch or a schedule")
+        schedule = run_schedule(cfg, steps_per_epoch)
+    model, tx, schedule, rates = model_and_optimizer(
+        cfg, len(data.classes), schedule, steps_per_epoch=steps_per_epoch
+    )
     graphdef, state = init_state(model, tx)
     state = parallel.replicate(state, mesh)
     step_args = dict(

@@ -74,12 +74,8 @@ def measure(cfg: TrainConfig, data: RunData, mesh, steps_per_epoch: int) -> Meas
     """Time the train and eval steps ``cfg`` would run, on a batch of the training split."""
     from springfield.training.assembly import assemble
     from springfield.training.inputs import train_iterator
-    from springfield.training.optim import make_schedule
 
-    schedule = make_schedule(
-        cfg.schedule, lr=cfg.lr, total_steps=steps_per_epoch * cfg.epochs, warmup_steps=0
-    )
-    built = assemble(cfg, data, schedule, mesh, steps_per_epoch=steps_per_epoch)
+    built = assemble(cfg, data, mesh, steps_per_epoch=steps_per_epoch)
     n = parallel.local_batch_size(cfg.batch_size, mesh)
     # Batches from a pipeline of its own, as training will have it: on a 2-core machine the
     # input workers take CPU from the step (timed on a fixed batch, an epoch came out 1.5x

@@ -1,11 +1,12 @@
-"""The body of one epoch: its train steps (with mid-epoch checkpoints), its evaluation and its
-row of ``metrics.jsonl``."""
+"""What happens around one epoch's train steps (its batches, the accounting after each step,
+mid-epoch checkpoints), its evaluation and its row of ``metrics.jsonl``."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 
@@ -20,66 +21,72 @@ from springfield.training.resume import Position, Setup
 from springfield.training.steps import eval_params
 
 
-@dataclass(frozen=True)
+@dataclass
 class EpochTiming:
-    """Wall time of an epoch's train steps and the part of it spent waiting for input."""
+    """Wall time of an epoch's train steps and the part of it spent waiting for input,
+    accumulated by :func:`epoch_batches` and :func:`after_step`."""
 
     first_step: int
-    seconds: float
-    wait: float
+    start: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+    wait: float = 0.0
     started_after: float | None = None
     """Seconds from the start of the command (or of the ``train()`` call) to the end of a
     fresh run's first step: imports, data preparation, compilation. First epoch only."""
 
 
-def train_epoch(
-    setup: Setup,
-    pos: Position,
-    train_step: Callable,
-    key: jax.Array,
-    stop: StopRequest,
-    on_loss: Callable[[int, float], None],
-) -> EpochTiming:
-    """Run the train steps from ``pos.step`` to the end of its epoch, or until ``stop`` is
-    set. Saves the ``--checkpoint-every`` checkpoints; ``on_loss(step, loss)`` every 10
-    steps (reading the loss syncs with the device)."""
-    cfg = setup.cfg
+def epoch_batches(setup: Setup, pos: Position, timing: EpochTiming) -> Iterator[Any]:
+    """The batches from ``pos.step`` to the end of its epoch, sharded over the mesh; the
+    time spent waiting for each goes into ``timing.wait``."""
     epoch_end = (pos.step // setup.steps_per_epoch + 1) * setup.steps_per_epoch
-    t_epoch, wait, first = time.perf_counter(), 0.0, pos.step
-    started_after = None
     for _ in range(epoch_end - pos.step):
         t0 = time.perf_counter()
         batch = next(setup.data_iter)
-        wait += time.perf_counter() - t0
-        pos.state, m = train_step(pos.state, parallel.shard_batch(batch, setup.mesh), key)
-        pos.sums.append(m)
-        if pos.step == 0:
-            jax.block_until_ready(m)  # once: what a user waits for before training starts
-            started_after = time.perf_counter() - setup.started
-        pos.step += 1
-        step = pos.step
-        save_now = (
-            cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step != epoch_end
-        )
-        if step % 10 == 0 or step == epoch_end or save_now or stop:
-            # Reading the loss syncs with the device: only every 10 steps, and before any
-            # checkpoint, so that no checkpoint holds a NaN state.
-            loss = float(m["loss_sum"]) / max(float(m["count"]), 1.0)
-            if not cfg.skip_nonfinite:
-                nonfinite.check_losses(
-                    pos.sums[pos.checked :],
-                    step - len(pos.sums) + pos.checked + 1,
-                    cfg.workdir,
-                    cfg.lr,
-                    pos.saved,
-                )
-            pos.checked = len(pos.sums)
-            on_loss(step, loss)
-            if save_now:
-                resume.save(setup, pos, mid_epoch=True)
-            if stop:
-                break
-    return EpochTiming(first, time.perf_counter() - t_epoch, wait, started_after)
+        timing.wait += time.perf_counter() - t0
+        yield parallel.shard_batch(batch, setup.mesh)
+
+
+def after_step(
+    setup: Setup,
+    pos: Position,
+    metrics: dict,
+    timing: EpochTiming,
+    stop: StopRequest,
+    on_loss: Callable[[int, float], None],
+) -> bool:
+    """Account for the train step just taken (its ``metrics``): count it, every 10 steps
+    check the losses and report one (``on_loss(step, loss)``; reading it syncs with the
+    device), save the ``--checkpoint-every`` checkpoints. True when the epoch is over or
+    ``stop`` is set."""
+    cfg = setup.cfg
+    epoch_end = (pos.step // setup.steps_per_epoch + 1) * setup.steps_per_epoch
+    pos.sums.append(metrics)
+    if pos.step == 0:
+        jax.block_until_ready(metrics)  # once: what a user waits for before training starts
+        timing.started_after = time.perf_counter() - setup.started
+    pos.step += 1
+    step = pos.step
+    save_now = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step != epoch_end
+    if step % 10 == 0 or step == epoch_end or save_now or stop:
+        # Reading the loss syncs with the device: only every 10 steps, and before any
+        # checkpoint, so that no checkpoint holds a NaN state.
+        loss = float(metrics["loss_sum"]) / max(float(metrics["count"]), 1.0)
+        if not cfg.skip_nonfinite:
+            nonfinite.check_losses(
+                pos.sums[pos.checked :],
+                step - len(pos.sums) + pos.checked + 1,
+                cfg.workdir,
+                cfg.lr,
+                pos.saved,
+            )
+        pos.checked = len(pos.sums)
+        on_loss(step, loss)
+        if save_now:
+            resume.save(setup, pos, mid_epoch=True)
+    done = step == epoch_end or bool(stop)
+    if done:
+        timing.seconds = time.perf_counter() - timing.start
+    return done
 
 
 def evaluate_epoch(

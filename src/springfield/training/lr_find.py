@@ -131,7 +131,7 @@ def lr_find(
     lr_at = lr_of_step(schedule)
     # Training's own assembly, so the sweep follows the loss training minimises (class
     # weights included). skip_nonfinite off: a NaN is the sweep's answer, not a step to skip.
-    built = assemble(replace(cfg, skip_nonfinite=False), data, schedule, mesh)
+    built = assemble(replace(cfg, skip_nonfinite=False), data, mesh, schedule=schedule)
     state, train_step = built.state, built.train_step
     key = jax.random.key(cfg.seed)
     data_iter = train_iterator(
