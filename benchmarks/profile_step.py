@@ -16,14 +16,15 @@ run its FLOP count covers only the rest of the step.
 weight gradient) at the shapes the step uses, with the convolution the model uses.
 
 ``--compare-conv`` instead times the step in one process, interleaved, with each
-convolution path: plain ``lax.conv_general_dilated`` (``SPRINGFIELD_CONV=lax``), XLA with
-springfield's layer (``SPRINGFIELD_ONEDNN=0``), oneDNN, and oneDNN with bfloat16 products;
-``--compare-norm`` the same with BatchNorm in XLA (``SPRINGFIELD_FUSE_BN=0``) and in
-oneDNN, in float32 and with bfloat16 products, with float32 activations between the layers
-(``SPRINGFIELD_BF16_ACTIVATIONS=0``, the bfloat16 path before 2026-12-06) and bfloat16 ones;
-``--compare-adam`` with optax's Adam (``SPRINGFIELD_FUSED_ADAM=0``) and the fused kernel;
-``--compare-dense`` with bfloat16 products in the convolutions only (the dense layers in
-XLA's float32, ``SPRINGFIELD_BF16_DENSE=0``) and in the dense layers too (oneDNN).
+convolution path: plain ``lax.conv_general_dilated`` (a portable model,
+``springfield.kernels.portable``), XLA with springfield's layer (``--kernels xla``), oneDNN,
+and oneDNN with bfloat16 products; ``--compare-norm`` the same with BatchNorm in XLA
+(``KernelOptions.fuse_norm=False``) and in oneDNN, in float32 and with bfloat16 products,
+with float32 activations between the layers (``bf16_activations=False``, the bfloat16 path
+before 2026-12-06) and bfloat16 ones; ``--compare-adam`` with optax's Adam
+(``fused_adam=False``) and the fused kernel; ``--compare-dense`` with bfloat16 products in
+the convolutions only (the dense layers in XLA's float32, ``bf16_dense=False``) and in the
+dense layers too (oneDNN). Each path's options are set with ``springfield.kernels.use``.
 
     python benchmarks/profile_step.py --model resnet --batch 64 --top 15
     python benchmarks/profile_step.py --model resnet --batch 64 --compare-conv
@@ -53,8 +54,8 @@ def build(
     import jax.numpy as jnp
     import optax
 
+    from springfield import kernels
     from springfield.models import build_model
-    from springfield.training.fused_adam import make_fused_update
     from springfield.training.optim import make_optimizer
     from springfield.training.steps import init_state, make_eval_step, make_train_step
 
@@ -70,9 +71,9 @@ def build(
     }
     if mode == "train":
         # The update the training loop uses: Adam in one pass where the kernel runs
-        # (SPRINGFIELD_FUSED_ADAM=0: optax's).
-        fused = make_fused_update("adam", schedule, weight_decay=0.0)
-        step = make_train_step(graphdef, tx, fused_update=fused)
+        # (KernelOptions.fused_adam=False: optax's).
+        update = kernels.optimizer_update(tx, name="adam", schedule=schedule)
+        step = make_train_step(graphdef, tx, update=update)
         args = [state, data, jax.random.key(0)]
 
         def run(args):
@@ -183,9 +184,9 @@ def time_conv_layers(
     import jax
     import jax.numpy as jnp
 
-    from springfield.kernels import onednn
+    from springfield import kernels
 
-    print(f"convolutions by {onednn.short_status()}, {precision}")
+    print(f"convolutions by {kernels.describe('auto', precision)}, {precision}")
     print("| conv | x | pass | ms | GFLOP/s |\n|---|---|---|---:|---:|")
     total_s = total_flops = 0.0
     for i, c in enumerate(conv_shapes(model_name, size, batch, precision)):
@@ -222,25 +223,19 @@ def time_conv_layers(
     print(f"| all | | | {total_s * 1e3:.1f} | {total_flops / total_s / 1e9:.0f} |")
 
 
-# Read when a model is built: each compared path builds its own.
-PATH_VARS = (
-    "SPRINGFIELD_CONV", "SPRINGFIELD_ONEDNN", "SPRINGFIELD_FUSE_BN", "SPRINGFIELD_BF16_ACTIVATIONS",
-    "SPRINGFIELD_FUSED_ADAM", "SPRINGFIELD_BF16_DENSE",
-)  # fmt: skip
-
-
 def compare(args, size: tuple[int, int], label: str, what: str, paths: dict) -> None:
-    """Build one step per path (environment, precision) in this process and time them in
+    """Build one step per path (``springfield.kernels.use`` arguments, precision; the
+    argument ``portable=True`` for a portable model) in this process and time them in
     interleaved rounds: a ratio between paths then shares the machine's state."""
+    from springfield import kernels
+
     runs = {}
-    for name, (env, precision) in paths.items():
-        for var in PATH_VARS:
-            os.environ.pop(var, None)
-        os.environ.update(env)
-        _, step_args, run = build(args.model, size, args.batch, args.mode, precision)
+    for name, (options, precision) in paths.items():
+        options = dict(options)
+        portable = options.pop("portable", False)
+        with kernels.use(**options), kernels.portable() if portable else kernels.use():
+            _, step_args, run = build(args.model, size, args.batch, args.mode, precision)
         runs[name] = [run, step_args, []]
-    for var in PATH_VARS:
-        os.environ.pop(var, None)
     for _ in range(args.rounds):
         for r in runs.values():
             seconds, r[1] = time_step(r[0], r[1], groups=1)
@@ -301,25 +296,25 @@ def main() -> None:
         return
     if args.compare_conv:
         compare(args, size, label, "conv", {
-            "lax": ({"SPRINGFIELD_CONV": "lax"}, "float32"),
-            "xla (springfield layer)": ({"SPRINGFIELD_ONEDNN": "0"}, "float32"),
+            "lax": ({"portable": True}, "float32"),
+            "xla (springfield layer)": ({"kernels": "xla"}, "float32"),
             "onednn": ({}, "float32"),
             "onednn bfloat16": ({}, "bfloat16"),
         })  # fmt: skip
         return
     if args.compare_norm:
-        f32_acts = {"SPRINGFIELD_BF16_ACTIVATIONS": "0"}
+        f32_acts = {"bf16_activations": False}
         compare(args, size, label, "BatchNorm", {
-            "XLA BatchNorm, float32": ({"SPRINGFIELD_FUSE_BN": "0"}, "float32"),
+            "XLA BatchNorm, float32": ({"fuse_norm": False}, "float32"),
             "oneDNN BatchNorm, float32": ({}, "float32"),
             "XLA BatchNorm, bf16 products, f32 activations": (
-                {"SPRINGFIELD_FUSE_BN": "0", **f32_acts}, "bfloat16"),
+                {"fuse_norm": False, **f32_acts}, "bfloat16"),
             "oneDNN BatchNorm, bf16 products, f32 activations": (f32_acts, "bfloat16"),
             "oneDNN BatchNorm, bf16 products and activations": ({}, "bfloat16"),
         })  # fmt: skip
         return
     if args.compare_adam:
-        optax_adam = {"SPRINGFIELD_FUSED_ADAM": "0"}
+        optax_adam = {"fused_adam": False}
         compare(args, size, label, "Adam", {
             "optax Adam, float32": (optax_adam, "float32"),
             "fused Adam, float32": ({}, "float32"),
@@ -328,7 +323,7 @@ def main() -> None:
         })  # fmt: skip
         return
     if args.compare_dense:
-        xla, ours = {"SPRINGFIELD_BF16_DENSE": "0"}, {"SPRINGFIELD_BF16_DENSE": "1"}
+        xla, ours = {"bf16_dense": False}, {"bf16_dense": True}
         compare(args, size, label, "dense layers", {
             "float32 (XLA) dense layers, float32": (xla, "float32"),
             "float32 (XLA) dense layers, bfloat16": (xla, "bfloat16"),

@@ -1,4 +1,4 @@
-"""The fused Adam update (springfield.training.fused_adam): optax's numbers, in one pass."""
+"""The fused Adam update (springfield.kernels.fused_adam): optax's numbers, in one pass."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ import numpy as np
 import optax
 import pytest
 
+from springfield import kernels
 from springfield.config import TrainConfig
 from springfield.kernels import onednn
+from springfield.kernels.fused_adam import make_fused_update
 from springfield.models import build_model
-from springfield.training.fused_adam import make_fused_update
 from springfield.training.optim import (
     OPTIMIZERS,
-    build_fused_update,
+    build_optimizer,
+    build_update,
     make_optimizer,
     make_schedule,
 )
@@ -37,9 +39,11 @@ def _train(name: str, weight_decay: float, fused: bool, precision: str = "float3
     tx = make_optimizer(name, schedule, weight_decay=weight_decay)
     model = build_model("refcnn", 4, image_size=(32, 32), precision=precision)
     graphdef, state = init_state(model, tx)
-    update = make_fused_update(name, schedule, weight_decay=weight_decay) if fused else None
-    assert (update is not None) == fused
-    step = make_train_step(graphdef, tx, fused_update=update)
+    update = kernels.optimizer_update(
+        tx, "auto" if fused else "xla", name=name, schedule=schedule, weight_decay=weight_decay
+    )
+    assert getattr(update, "fused", False) == fused
+    step = make_train_step(graphdef, tx, update=update)
     rng = np.random.default_rng(0)
     for _ in range(4):
         batch = {
@@ -103,19 +107,25 @@ def test_fused_update_hands_other_parameters_back_to_optax():
 
 def test_which_runs_get_the_fused_update(monkeypatch):
     schedule = optax.constant_schedule(1e-3)
+
+    def fused(cfg: TrainConfig) -> bool:
+        update = build_update(cfg, build_optimizer(cfg, schedule), schedule)
+        return getattr(update, "fused", False)
+
     cfg = TrainConfig()
     assert cfg.optimizer == "adamw"  # the default: fused where the kernel runs
-    assert (build_fused_update(cfg, schedule) is not None) == onednn.adam_available()
+    assert fused(cfg) == onednn.adam_available()
     # Everything else keeps optax's update: other optimizers, an average or a skip guard
-    # around the update, and a name registered over optax's.
+    # around the update, a name registered over optax's, and XLA's kernels.
     for other in (
         replace(cfg, optimizer="momentum"),
         replace(cfg, optimizer="lion"),
         replace(cfg, ema=0.99),
         replace(cfg, skip_nonfinite=True),
+        replace(cfg, kernels="xla"),
     ):
-        assert build_fused_update(other, schedule) is None, other
+        assert not fused(other), other
+    with kernels.use(fused_adam=False):
+        assert not fused(cfg)
     monkeypatch.setitem(OPTIMIZERS, "adam", lambda lr: optax.adam(lr, b1=0.5))
-    assert build_fused_update(replace(cfg, optimizer="adam"), schedule) is None
-    monkeypatch.setenv("SPRINGFIELD_FUSED_ADAM", "0")
-    assert build_fused_update(cfg, schedule) is None
+    assert not fused(replace(cfg, optimizer="adam"))

@@ -95,15 +95,18 @@ def test_onecycle_schedule_peaks_at_lr():
     assert float(s(99)) < 0.01
 
 
-def test_fast_conv_has_the_same_gradients_as_lax(monkeypatch):
-    # springfield.models.layers only changes how XLA schedules the weight gradient.
+def test_fast_conv_has_the_same_gradients_as_lax():
+    # springfield.kernels.xla's convolution only changes how XLA schedules the weight
+    # gradient; a portable model has lax's own.
     from flax import nnx
+
+    from springfield import kernels
 
     grads = {}
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-    for impl in ("lax", "springfield"):
-        monkeypatch.setenv("SPRINGFIELD_CONV", impl)
-        model = build_model("resnet", 3, image_size=(16, 16))
+    for impl, selection in (("lax", kernels.portable()), ("springfield", kernels.use("xla"))):
+        with selection:
+            model = build_model("resnet", 3, image_size=(16, 16))
         grads[impl] = nnx.grad(lambda m: jnp.sum(m(x, train=True) ** 2))(model)
     leaves = [jax.tree.leaves(grads[k]) for k in ("lax", "springfield")]
     for a, b in zip(*leaves, strict=True):
@@ -117,7 +120,7 @@ def test_fast_conv_has_the_same_gradients_as_lax(monkeypatch):
 def test_bfloat16_conv_rounds_its_operands_and_keeps_float32_results_and_gradients():
     # --precision bfloat16 on GPUs/TPUs: the convolution (forward and both gradients)
     # multiplies bfloat16 copies; its result, the weights and their gradients stay float32.
-    from springfield.models.layers import bfloat16_conv
+    from springfield.kernels.xla import bfloat16_conv
 
     x = jax.random.normal(jax.random.key(0), (2, 12, 12, 8))
     w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16)) / 8

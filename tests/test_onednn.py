@@ -15,6 +15,7 @@ from flax import nnx
 from jax import lax
 from onednn_common import IS_LINUX_X86, NHWC
 
+from springfield import kernels
 from springfield.kernels import onednn
 from springfield.models import build_model
 
@@ -100,32 +101,52 @@ def test_what_onednn_cannot_run_goes_to_the_fallback():
     assert len(calls) == 3 + (not onednn.available())
 
 
-def test_models_train_the_same_with_onednn_xla_and_lax(monkeypatch):
+def test_models_train_the_same_with_onednn_xla_and_lax():
     # The three convolution paths of a ResNet (with its stride-2 and 1x1 convs, BatchNorm)
     # give the same gradients; ensembles (vmapped members) run through oneDNN too.
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
     grads = {}
-    for name, env in {
-        "lax": {"SPRINGFIELD_CONV": "lax"},
-        "xla": {"SPRINGFIELD_ONEDNN": "0"},
-        "onednn": {},
+    for name, selection in {
+        "lax": kernels.portable(),
+        "xla": kernels.use("xla"),
+        "onednn": kernels.use("auto"),
     }.items():
-        for var in ("SPRINGFIELD_CONV", "SPRINGFIELD_ONEDNN"):
-            monkeypatch.delenv(var, raising=False)
-        for var, value in env.items():
-            monkeypatch.setenv(var, value)
-        model = build_model("resnet", 3, image_size=(16, 16), ensemble=2)
+        with selection:
+            model = build_model("resnet", 3, image_size=(16, 16), ensemble=2)
         grads[name] = nnx.grad(lambda m: jnp.sum(m(x, train=True) ** 2))(model)
     for other in ("xla", "onednn"):
         for a, b in zip(jax.tree.leaves(grads["lax"]), jax.tree.leaves(grads[other]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv("SPRINGFIELD_ONEDNN", "0")
-    assert not onednn.available()
-    assert onednn.status() == "XLA (SPRINGFIELD_ONEDNN=0)"
-    assert onednn.make_conv(lax.conv_general_dilated) is lax.conv_general_dilated
+def test_kernels_xla_keeps_every_layer_in_xla():
+    from springfield.kernels import xla
+
+    with kernels.use("xla"):
+        assert kernels.conv() is xla.conv_general_dilated
+        assert kernels.conv(materialise=False) is lax.conv_general_dilated
+        assert kernels.norm() is xla.norm
+        assert kernels.dense_dot() is None
+        model = build_model("refcnn", 3, image_size=(32, 32))
+    x = jnp.ones((2, 32, 32, 3))
+    assert "springfield_onednn" not in jax.jit(lambda x: model(x, train=False)).lower(x).as_text()
+    assert kernels.describe("xla") == "XLA (--kernels xla)"
+    with kernels.portable(), kernels.use("auto", "bfloat16"):
+        assert kernels.conv() is lax.conv_general_dilated
+
+
+def test_kernels_onednn_is_refused_where_it_cannot_run(monkeypatch):
+    from springfield.errors import SpringfieldError
+
+    with pytest.raises(SpringfieldError, match="--kernels 'fast': unknown"):
+        kernels.use("fast").__enter__()
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    monkeypatch.setattr(onednn, "status", lambda: "XLA (no compiler)")
+    with kernels.use("onednn"), pytest.raises(SpringfieldError, match="onednn: .*no comp"):
+        build_model("resnet", 3, image_size=(16, 16))
+    with kernels.use("auto"):
+        assert kernels.conv() is not None  # auto falls back to XLA's
+    assert kernels.describe("auto") == "XLA (no compiler)"
 
 
 def test_several_devices_keep_xla_convolutions():

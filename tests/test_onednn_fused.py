@@ -16,6 +16,7 @@ from flax import nnx
 from jax import lax
 from onednn_common import NHWC, first_results
 
+from springfield import kernels
 from springfield.kernels import onednn
 from springfield.models import build_model
 
@@ -75,12 +76,11 @@ def test_fused_block_leaves_output_channels_not_a_multiple_of_8_to_the_separate_
     )
 
 
-def test_fused_block_in_bfloat16_matches_the_separate_bfloat16_layers(monkeypatch):
+def test_fused_block_in_bfloat16_matches_the_separate_bfloat16_layers():
     # Against float32, ReLU's mask flips wherever bfloat16 moves a sum across zero, so the
     # fair reference is the unfused bfloat16 path (the same products, and float32
     # activations, which the block keeps inside); and the result must differ from float32's
     # (else the bfloat16 path silently ran float32).
-    monkeypatch.setenv("SPRINGFIELD_BF16_ACTIVATIONS", "0")
     k1, k2, k3, k4 = jax.random.split(jax.random.key(5), 4)
     x = jax.random.normal(k1, (4, 12, 12, 16))
     w = jax.random.normal(k2, (3, 3, 16, 32)) * 0.2
@@ -89,7 +89,7 @@ def test_fused_block_in_bfloat16_matches_the_separate_bfloat16_layers(monkeypatc
     if not onednn.available():
         assert onednn.conv_relu_pool(x, w, b, bfloat16=True) is None
         return
-    conv = onednn.make_conv(None, bfloat16=True)  # type: ignore[arg-type]
+    conv = onednn.make_conv(None, bfloat16=True, activations=False)  # type: ignore[arg-type]
 
     def separate(x, w, b):
         y = conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC) + b
@@ -197,21 +197,20 @@ def test_fused_block_passes_without_avx512_give_the_same_results():
     assert " passed" in out.stdout and "failed" not in out.stdout
 
 
-def test_models_use_the_fused_block_only_for_relu_and_train_the_same(monkeypatch):
+def test_models_use_the_fused_block_only_for_relu_and_train_the_same():
     # refcnn and seed run conv -> ReLU -> pool as one oneDNN block; their gradients equal
     # the separate layers'; with another activation the block is not used.
     x = jax.random.normal(jax.random.key(6), (2, 32, 32, 3))
     grads = {}
     for fuse in ("1", "0"):
-        monkeypatch.setenv("SPRINGFIELD_FUSE_BLOCKS", fuse)
-        model = build_model("refcnn", 3, image_size=(32, 32))
+        with kernels.use(fuse_blocks=fuse == "1"):
+            model = build_model("refcnn", 3, image_size=(32, 32))
         loss = lambda m: jnp.sum(m(x) ** 2)  # noqa: E731
         hlo = nnx.jit(nnx.grad(loss)).lower(model).as_text()
         assert ("block_forward" in hlo) == (fuse == "1" and onednn.available())
         grads[fuse] = nnx.grad(loss)(model)
     for a, b in zip(jax.tree.leaves(grads["1"]), jax.tree.leaves(grads["0"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    monkeypatch.delenv("SPRINGFIELD_FUSE_BLOCKS")
     gelu = build_model("refcnn", 3, image_size=(32, 32), activation="gelu")
     assert "block_forward" not in nnx.jit(nnx.grad(lambda m: jnp.sum(m(x)))).lower(gelu).as_text()
     # Evaluation (no gradient) runs the block without keeping ReLU's mask.
@@ -221,46 +220,36 @@ def test_models_use_the_fused_block_only_for_relu_and_train_the_same(monkeypatch
     assert "block_forward" not in hlo
 
 
-CHUNKED_BLOCK_CHECK = """
-import jax, jax.numpy as jnp, numpy as np
-from flax import nnx
-from jax import lax
-from springfield.kernels import onednn
-NHWC = ("NHWC", "HWIO", "NHWC")
-k1, k2, k3, k4 = jax.random.split(jax.random.key(7), 4)
-x = jax.random.normal(k1, (5, 10, 12, 3))
-w = jax.random.normal(k2, (3, 3, 3, 16)) * 0.3
-b = jax.random.normal(k3, (16,)) * 0.3
-probe = jax.random.normal(k4, (5, 5, 6, 16))
-def ref(x, w, b):
-    y = lax.conv_general_dilated(lax.stop_gradient(x), w, (1, 1), "SAME", dimension_numbers=NHWC)
-    return nnx.avg_pool(jax.nn.relu(y + b), (2, 2), strides=(2, 2))
-fused = lambda x, w, b: onednn.conv_relu_pool(x, w, b, input_grad=False)
-if not onednn.available():
-    fused = ref
-for block in (ref, fused):
-    y = jax.jit(block)(x, w, b)
-    g = jax.jit(jax.grad(lambda x, w, b: jnp.sum(block(x, w, b) * probe), (0, 1, 2)))(x, w, b)
-    print(repr([np.asarray(a).tolist() for a in (y, *g)]))
-"""
-
-
 def test_first_block_without_input_gradient_in_chunks_of_one_image():
     # The first block (input_grad=False) runs a batch of 5 one image at a time (a 1 KiB
     # chunk budget) and sums the chunks' weight gradients: the same as the separate layers
     # under stop_gradient, with a zero input gradient.
-    env = {**os.environ, "SPRINGFIELD_BLOCK_CHUNK_KB": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", CHUNKED_BLOCK_CHECK],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    ref, fused = (eval(line) for line in out.stdout.splitlines()[-2:])  # noqa: S307 - our output
-    y_ref, dx_ref, dw_ref, db_ref = (np.asarray(a) for a in ref)
-    y, dx, dw, db = (np.asarray(a) for a in fused)
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(7), 4)
+    x = jax.random.normal(k1, (5, 10, 12, 3))
+    w = jax.random.normal(k2, (3, 3, 3, 16)) * 0.3
+    b = jax.random.normal(k3, (16,)) * 0.3
+    probe = jax.random.normal(k4, (5, 5, 6, 16))
+
+    def ref(x, w, b):
+        y = lax.conv_general_dilated(
+            lax.stop_gradient(x), w, (1, 1), "SAME", dimension_numbers=NHWC
+        )
+        return nnx.avg_pool(jax.nn.relu(y + b), (2, 2), strides=(2, 2))
+
+    def fused(x, w, b):
+        return onednn.conv_relu_pool(x, w, b, input_grad=False, chunk_kb=1)
+
+    if not onednn.available():
+        pytest.skip(f"oneDNN cannot run here: {onednn.status()}")
+    results = {}
+    for name, block in (("ref", ref), ("fused", fused)):
+        y = jax.jit(block)(x, w, b)
+        g = jax.jit(jax.grad(lambda x, w, b, f=block: jnp.sum(f(x, w, b) * probe), (0, 1, 2)))(
+            x, w, b
+        )
+        results[name] = [np.asarray(a) for a in (y, *g)]
+    y_ref, dx_ref, dw_ref, db_ref = results["ref"]
+    y, dx, dw, db = results["fused"]
     assert not dx_ref.any() and not dx.any()
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)

@@ -13,7 +13,8 @@ from flax import nnx
 from jax import lax
 from onednn_common import first_results
 
-from springfield.kernels import onednn
+from springfield import kernels
+from springfield.kernels import onednn, xla
 from springfield.models import build_model
 
 
@@ -21,13 +22,11 @@ from springfield.models import build_model
 def test_batch_norm_matches_flax_in_training(act):
     # oneDNN's training BatchNorm (+ ReLU): the output, the gradients of the input, scale and
     # bias, and the running averages equal nnx.BatchNorm's (then the activation).
-    from springfield.models import layers
-
     k1, k2 = jax.random.split(jax.random.key(8))
     x = 1.0 + 2.0 * jax.random.normal(k1, (6, 5, 7, 16))
     probe = jax.random.normal(k2, x.shape)
     out = {}
-    for name, norm in (("xla", layers.xla_norm), ("onednn", layers.onednn_norm)):
+    for name, norm in (("xla", xla.norm), ("onednn", kernels.norm())):
         bn = nnx.BatchNorm(16, momentum=0.9, rngs=nnx.Rngs(0))
         bn.scale[...] = jnp.linspace(0.5, 1.5, 16)
         bn.bias[...] = jnp.linspace(-0.3, 0.3, 16)
@@ -45,12 +44,12 @@ def test_batch_norm_matches_flax_in_training(act):
     assert float(jnp.max(jnp.abs(out["onednn"][4]))) > 0.05
 
 
-def test_resnet_uses_onednn_batch_norm_only_in_training_and_trains_the_same(monkeypatch):
+def test_resnet_uses_onednn_batch_norm_only_in_training_and_trains_the_same():
     x = jax.random.normal(jax.random.key(9), (4, 16, 16, 3))
     grads, stats = {}, {}
     for fuse in ("1", "0"):
-        monkeypatch.setenv("SPRINGFIELD_FUSE_BN", fuse)
-        model = build_model("resnet", 3, image_size=(16, 16))
+        with kernels.use(fuse_norm=fuse == "1"):
+            model = build_model("resnet", 3, image_size=(16, 16))
         loss = lambda m: jnp.sum(m(x, train=True) ** 2)  # noqa: E731
         assert ("bn_forward" in nnx.jit(nnx.grad(loss)).lower(model).as_text()) == (
             fuse == "1" and onednn.available()
@@ -80,14 +79,12 @@ def test_bfloat16_resnet_hands_bfloat16_activations_to_batch_norm():
     # result XLA's BatchNorm gives (within bfloat16's rounding).
     eval_hlo = nnx.jit(lambda m, x: m(x)).lower(model, x).as_text()
     assert "bn_infer" in eval_hlo and "bn_forward" not in eval_hlo
-    from springfield.models import layers
-
     bn = model.stem_bn
     bn.mean[...] = jnp.linspace(-0.5, 0.5, bn.mean.shape[0])
     bn.var[...] = jnp.linspace(0.5, 2.0, bn.var.shape[0])
     h = jax.random.normal(jax.random.key(11), (4, 8, 8, bn.mean.shape[0])).astype(jnp.bfloat16)
-    a = layers.xla_norm(bn, h, train=False, act=jax.nn.relu).astype(jnp.float32)
-    b = layers.onednn_norm(bn, h, train=False, act=jax.nn.relu).astype(jnp.float32)
+    a = xla.norm(bn, h, train=False, act=jax.nn.relu).astype(jnp.float32)
+    b = kernels.norm()(bn, h, train=False, act=jax.nn.relu).astype(jnp.float32)
     np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
 
 
@@ -103,7 +100,7 @@ def test_matmul_reads_transposed_operands_in_place(trans_a, trans_b, bf16):
     a = rng.standard_normal((40, 24) if trans_a else (24, 40), np.float32)
     b = rng.standard_normal((16, 40) if trans_b else (40, 16), np.float32)
     flags = {"trans_a": trans_a, "trans_b": trans_b, "bf16": bf16}
-    got = jax.jit(partial(onednn._matmul, out_type=np.float32, **flags))(a, b)
+    got = jax.jit(partial(onednn.matmul, out_type=np.float32, **flags))(a, b)
     # With bf16 the kernel rounds float32 operands to bfloat16 itself.
     a64, b64 = (_bf16(a), _bf16(b)) if bf16 else (a.astype(np.float64), b.astype(np.float64))
     want = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
@@ -163,33 +160,32 @@ def test_bfloat16_dense_layer_multiplies_bfloat16_operands_both_ways():
     )
 
 
-def test_refcnn_in_bfloat16_runs_its_dense_layer_on_onednn_and_trains_like_float32(
-    monkeypatch,
-):
+def test_refcnn_in_bfloat16_runs_its_dense_layer_on_onednn_and_trains_like_float32():
     if not (onednn.available() and onednn.bf16_supported()):
         pytest.skip("bfloat16 dense layers need oneDNN on a CPU with bfloat16 instructions")
-    monkeypatch.setenv("SPRINGFIELD_BF16_DENSE", "1")  # the default too, except on AMX
-    x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
-    labels = jnp.arange(8) % 4
-    losses = {}
-    for precision in ("float32", "bfloat16"):
-        model = build_model("refcnn", 4, image_size=(32, 32), precision=precision)
-        on_onednn = model.fc.dot_general is not lax.dot_general
-        assert on_onednn == (precision == "bfloat16")
-        text = jax.jit(lambda m, x: m(x)).lower(model, x).as_text()
-        assert ("springfield_onednn_conv_matmul" in text) == (precision == "bfloat16")
-        opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    with kernels.use(bf16_dense=True):  # the default too, except on AMX
+        x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+        labels = jnp.arange(8) % 4
+        losses = {}
+        for precision in ("float32", "bfloat16"):
+            model = build_model("refcnn", 4, image_size=(32, 32), precision=precision)
+            on_onednn = model.fc.dot_general is not lax.dot_general
+            assert on_onednn == (precision == "bfloat16")
+            text = jax.jit(lambda m, x: m(x)).lower(model, x).as_text()
+            assert ("springfield_onednn_conv_matmul" in text) == (precision == "bfloat16")
+            opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
 
-        def loss_fn(m):
-            return optax.softmax_cross_entropy_with_integer_labels(m(x, train=True), labels).mean()
+            def loss_fn(m):
+                logits = m(x, train=True)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-        for _ in range(5):
-            loss, grads = nnx.value_and_grad(loss_fn)(model)
-            opt.update(model, grads)
-        losses[precision] = float(loss)
-    assert abs(losses["float32"] - losses["bfloat16"]) < 0.03 * abs(losses["float32"])
+            for _ in range(5):
+                loss, grads = nnx.value_and_grad(loss_fn)(model)
+                opt.update(model, grads)
+            losses[precision] = float(loss)
+        assert abs(losses["float32"] - losses["bfloat16"]) < 0.03 * abs(losses["float32"])
 
-    # SPRINGFIELD_BF16_DENSE=0 keeps XLA's float32 dot.
-    monkeypatch.setenv("SPRINGFIELD_BF16_DENSE", "0")
-    model = build_model("refcnn", 4, image_size=(32, 32), precision="bfloat16")
+    # bf16_dense=False keeps XLA's float32 dot.
+    with kernels.use(bf16_dense=False):
+        model = build_model("refcnn", 4, image_size=(32, 32), precision="bfloat16")
     assert model.fc.dot_general is lax.dot_general

@@ -20,8 +20,8 @@ from test_faults import _child_env, _leaves, _rows, _wait_until, checkpoint_step
 
 from springfield.cli import main
 from springfield.errors import SpringfieldError
+from springfield.kernels.depthwise import depthwise_conv
 from springfield.models import pretrained
-from springfield.models.depthwise import depthwise_conv
 from springfield.models.efficientnet import EfficientNetLite
 from springfield.models.layers import xla_convolutions
 

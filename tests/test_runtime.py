@@ -1,4 +1,5 @@
-"""springfield's XLA flags: accepted by the installed jaxlib, and switchable off."""
+"""springfield's process tuning (springfield.kernels.tuning): XLA flags accepted by the
+installed jaxlib, glibc's huge pages, the command's re-execution."""
 
 from __future__ import annotations
 
@@ -6,12 +7,8 @@ import os
 import subprocess
 import sys
 
-from springfield.runtime import xla_flags_wanted
-
-
-def test_flags_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("SPRINGFIELD_XLA_FLAGS", "0")
-    assert xla_flags_wanted() == []
+from springfield.kernels import tuning
+from springfield.kernels.tuning import xla_flags_wanted
 
 
 def test_installed_jaxlib_accepts_the_flags():
@@ -24,7 +21,7 @@ def test_installed_jaxlib_accepts_the_flags():
         " dimension_numbers=('NHWC', 'HWIO', 'NHWC')).sum()\n"
         "print(float(jax.jit(jax.grad(f))(w).sum()))\n"
     )
-    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "SPRINGFIELD_XLA_FLAGS": "0"}
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
@@ -32,22 +29,20 @@ def test_installed_jaxlib_accepts_the_flags():
 
 
 def test_malloc_env_asks_glibc_for_huge_pages_once(monkeypatch, tmp_path):
-    from springfield import runtime
-
+    runtime = tuning
     if not runtime.THP_SETTING.exists() or not sys.platform.startswith("linux"):
         assert runtime.malloc_env({}) == {}
         return
     madvise = "[madvise]" in runtime.THP_SETTING.read_text()
     want = {"GLIBC_TUNABLES": runtime.HUGEPAGE_TUNABLE} if madvise else {}
     assert runtime.malloc_env({}) == want
-    # Kept alongside a user's own tunables; never twice; off by environment.
+    # Kept alongside a user's own tunables; never twice.
     mine = {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}
     if madvise:
         assert runtime.malloc_env(mine)["GLIBC_TUNABLES"] == (
             "glibc.malloc.trim_threshold=1:" + runtime.HUGEPAGE_TUNABLE
         )
     assert runtime.malloc_env({"GLIBC_TUNABLES": runtime.HUGEPAGE_TUNABLE}) == {}
-    assert runtime.malloc_env({"SPRINGFIELD_HUGEPAGES": "0"}) == {}
     # A fake setting file: "always" and "never" need nothing.
     fake = tmp_path / "enabled"
     for text, wanted in (("always [madvise] never", True), ("[always] madvise never", False),

@@ -55,6 +55,9 @@ class TrainConfig:
     precision: Literal["float32", "bfloat16"] = "float32"
     """Arithmetic: float32, or bfloat16: bfloat16 products in the convolutions (summed in float32) and, where oneDNN runs them (one CPU device with AVX512_BF16 or AMX), bfloat16 activations between layers, as PyTorch's autocast and Keras' mixed_bfloat16 have; weights, BatchNorm statistics, weight gradients, loss and optimizer stay float32. About 2x faster training than float32 on such CPUs (1.9-2.3x for the ResNets' step on an AMX Xeon, docs/performance.md). A GPU or TPU gets the bfloat16 products only; a CPU without bfloat16 instructions, float32."""
 
+    kernels: Literal["auto", "xla", "onednn"] = "auto"
+    """Which kernels run the layers and the optimizer update: auto (oneDNN's where they can run: one CPU device on Linux x86-64; XLA elsewhere), xla (XLA's own, the reference), onednn (an error where oneDNN cannot run). The same maths up to summation order; docs/performance.md."""
+
     activation: str = "relu"
     """Activation: relu, gelu, silu, mish, elu, leaky_relu, ... or module:function for your own."""
 

@@ -10,17 +10,16 @@ from dataclasses import dataclass
 import jax
 from flax import nnx
 
+from springfield import kernels as _kernels
 from springfield.errors import SpringfieldError
 from springfield.models import pretrained
 from springfield.models.activations import ACTIVATIONS, get_activation
 from springfield.models.efficientnet import VARIANTS, EfficientNetLite
 from springfield.models.ensemble import Ensemble
-from springfield.models.layers import conv_precision
 from springfield.models.refcnn import RefCNN
 from springfield.models.resnet import ResNet
 from springfield.models.seed import SeedCNN
 from springfield.models.timm_resnet import DEPTHS, TimmResNet
-from springfield.runtime import QUICK_COMPILE
 
 
 @dataclass(frozen=True)
@@ -157,20 +156,23 @@ def build_model(
     seed: int = 0,
     ensemble: int = 1,
     precision: str = "float32",
+    kernels: str | None = None,
 ) -> nnx.Module:
     """Build model ``name`` for ``num_classes`` classes and inputs of ``image_size``.
 
     ``ensemble > 1`` builds that many copies with different initial weights, wrapped in an
     :class:`~springfield.models.ensemble.Ensemble`. ``precision`` is that of the
-    convolutions' products (:func:`springfield.models.layers.conv_precision`).
+    convolutions' products, ``kernels`` what runs the layers (``--kernels``; None: the
+    enclosing :func:`springfield.kernels.use`'s, by default ``auto``).
     """
     check_image_size(name, image_size)
     check_ensemble(ensemble)
     key = (name, num_classes, tuple(image_size), get_activation(activation), seed, ensemble)
-    # The structure is traced anew each time: the convolution a layer uses is chosen when
-    # it is built (SPRINGFIELD_CONV, SPRINGFIELD_ONEDNN, the precision).
-    graphdef = nnx.split(nnx.eval_shape(lambda: _construct(*key, precision)))[0]
-    return nnx.merge(graphdef, _init_program(*key, precision)())
+    # The structure is traced anew each time: the operations a layer uses are chosen when
+    # it is built (springfield.kernels: --kernels, the precision).
+    with _kernels.use(kernels, precision) as selection:
+        graphdef = nnx.split(nnx.eval_shape(lambda: _construct(*key)))[0]
+    return nnx.merge(graphdef, _init_program(*key, selection=selection)())
 
 
 def _construct(
@@ -180,18 +182,17 @@ def _construct(
     act: Callable,
     seed: int,
     ensemble: int,
-    precision: str,
 ) -> nnx.Module:
     # One Rngs stream for all members: each draws the next keys, so each starts elsewhere.
     rngs = nnx.Rngs(params=seed)
-    with conv_precision(precision):
-        members = [MODELS[name].build(num_classes, size, act, rngs) for _ in range(ensemble)]
+    members = [MODELS[name].build(num_classes, size, act, rngs) for _ in range(ensemble)]
     return members[0] if ensemble == 1 else Ensemble(members)
 
 
 @functools.lru_cache(maxsize=32)
-def _init_program(*key) -> Callable[[], nnx.State]:
-    """The jitted program computing the initial weights of :func:`_construct` ``(*key)``.
+def _init_program(*key, selection: _kernels.Selection) -> Callable[[], nnx.State]:
+    """The jitted program computing the initial weights of :func:`_construct` ``(*key)``,
+    built with the kernels of ``selection``.
 
     Built eagerly, every initialiser compiles a program of its own (a truncated normal per
     weight shape): 18 s for the default model on a busy 2-core Zen 3. One program for all
@@ -199,7 +200,12 @@ def _init_program(*key) -> Callable[[], nnx.State]:
     kept for the next model of the same kind (tests, ensembles of runs, the LR finder). Its
     weights differ from the eager ones in the last bits at most.
     """
-    return jax.jit(lambda: nnx.state(_construct(*key)), compiler_options=QUICK_COMPILE)
+
+    def init() -> nnx.State:
+        with _kernels.use_selection(selection):
+            return nnx.state(_construct(*key))
+
+    return jax.jit(init, compiler_options=_kernels.QUICK_COMPILE)
 
 
 def model_of_config(cfg, num_classes: int, *, initial_weights: bool = True) -> nnx.Module:
@@ -213,6 +219,7 @@ def model_of_config(cfg, num_classes: int, *, initial_weights: bool = True) -> n
         seed=cfg.seed,
         ensemble=cfg.ensemble,
         precision=cfg.precision,
+        kernels=cfg.kernels,
     )
     if not initial_weights:  # a checkpoint's weights go in next
         return model

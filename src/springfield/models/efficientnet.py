@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from springfield.models.depthwise import depthwise_conv
+from springfield import kernels
 from springfield.models.layers import Conv, activation_dtype, keep_input_type, norm_impl
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage, for width and
@@ -105,7 +105,7 @@ class MBConv(nnx.Module):
             padding="SAME",
             feature_group_count=mid,
             use_bias=False,
-            conv_general_dilated=depthwise_conv,
+            conv_general_dilated=kernels.depthwise_conv(),
             promote_dtype=keep_input_type,
             rngs=rngs,
         )

@@ -16,10 +16,9 @@ from springfield.models.activations import Activation
 from springfield.models.layers import Conv, activation_dtype, norm_impl
 from springfield.models.mixstyle import mix_style
 
-# Convolutions are springfield.models.layers.Conv: nnx.Conv with a weight gradient that does
-# not recompute BatchNorm/ReLU inside XLA's transpose (same maths, ~15% faster on CPU), or
-# oneDNN's; BatchNorm (+ ReLU) runs through layers.norm_impl: oneDNN's where the convolutions
-# are (same maths), which lets --precision bfloat16 hand bfloat16 activations between layers
+# Convolutions are springfield.models.layers.Conv and BatchNorm (+ ReLU) runs through
+# layers.norm_impl: both from springfield.kernels, which runs them in one place (the same
+# maths either way) and lets --precision bfloat16 hand bfloat16 activations between layers
 # without a conversion pass at each BatchNorm (docs/performance.md).
 
 # A short run's batch statistics drift too slowly with flax's default 0.99, which makes

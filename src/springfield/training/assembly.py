@@ -22,8 +22,8 @@ from springfield.models import model_of_config, starts_pretrained
 from springfield.training.inputs import RunData
 from springfield.training.optim import (
     LayerRates,
-    build_fused_update,
     build_optimizer,
+    build_update,
     finetune_rates,
     make_schedule,
     scaled_rates,
@@ -134,7 +134,7 @@ def assemble(
         cutmix_alpha=cfg.cutmix,
         class_weights=class_weights_of(cfg, data),
         mixstyle=cfg.mixstyle,
-        fused_update=build_fused_update(cfg, schedule),
+        update=build_update(cfg, tx, schedule),
     )
     train_step = make_train_step(graphdef, tx, **step_args)
     frozen_steps = rates.frozen_steps if rates else 0

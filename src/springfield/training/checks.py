@@ -10,6 +10,7 @@ import optax
 
 from springfield.config import PRESETS, TrainConfig
 from springfield.errors import SpringfieldError
+from springfield.kernels import check_kernels
 from springfield.models import MODELS, check_ensemble, check_image_size
 from springfield.models.activations import get_activation
 from springfield.training.optim import build_optimizer
@@ -24,6 +25,7 @@ def check_config(cfg: TrainConfig) -> None:
     check_image_size(cfg.model, cfg.image_size)
     check_early(cfg)
     check_ensemble(cfg.ensemble)
+    check_kernels(cfg.kernels)
     get_activation(cfg.activation)
     check_finetune(cfg)
     # The rate does not matter here: the optimizer's name and its settings do.

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from springfield import kernels
 from springfield.errors import SpringfieldError
-from springfield.runtime import QUICK_COMPILE
-from springfield.training.fused_adam import FusedUpdate, find_state, make_fused_update
+from springfield.kernels import QUICK_COMPILE
 
 if TYPE_CHECKING:
     from springfield.config import TrainConfig
@@ -166,6 +166,19 @@ def params_ema(decay: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def find_state(state: Any, kind: type) -> Any:
+    """The first ``kind`` state in an optimizer state, looking inside chains and wrapper
+    states (tuples and named tuples, nested), or None."""
+    if isinstance(state, kind):
+        return state
+    if isinstance(state, tuple):
+        for part in state:
+            found = find_state(part, kind)
+            if found is not None:
+                return found
+    return None
+
+
 def averaged_params(opt_state: Any) -> optax.Params | None:
     """The parameter average kept by :func:`params_ema` in ``opt_state``, or None."""
     state = find_state(opt_state, ParamsEmaState)
@@ -266,14 +279,20 @@ def build_optimizer(
     return tx
 
 
-def build_fused_update(cfg: TrainConfig, schedule: optax.Schedule) -> FusedUpdate | None:
-    """:func:`build_optimizer`'s update as one in-place kernel pass with the same numbers
-    (:mod:`springfield.training.fused_adam`), for ``adam`` and ``adamw`` without ``--ema`` or
-    ``--skip-nonfinite``; None (optax's own update) otherwise or where it cannot run."""
+def build_update(
+    cfg: TrainConfig, tx: optax.GradientTransformation, schedule: optax.Schedule
+) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+    """How the train step applies :func:`build_optimizer`'s ``tx``: ``(grads, opt_state,
+    params) -> (params, opt_state)`` from :func:`springfield.kernels.optimizer_update`, with
+    ``--kernels``. The optimizer's name and ``schedule`` are passed on only where ``tx`` is
+    optax's ``--optimizer`` alone (no ``--ema``, ``--skip-nonfinite`` or layer groups), so
+    that an update written for that optimizer may stand in for it."""
     # A name registered with register_optimizer is the user's own, whatever optax calls it.
     # A fine-tune's layer groups each have an optimizer of their own (optax.multi_transform).
     from springfield.models import starts_pretrained
 
     if cfg.ema or cfg.skip_nonfinite or cfg.optimizer in OPTIMIZERS or starts_pretrained(cfg):
-        return None
-    return make_fused_update(cfg.optimizer, schedule, weight_decay=cfg.weight_decay)
+        return kernels.optimizer_update(tx, cfg.kernels)
+    return kernels.optimizer_update(
+        tx, cfg.kernels, name=cfg.optimizer, schedule=schedule, weight_decay=cfg.weight_decay
+    )

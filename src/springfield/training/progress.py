@@ -16,8 +16,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from springfield import kernels
 from springfield.data.prepare import Split
-from springfield.kernels import onednn
 from springfield.paths import printable
 from springfield.training import run_folder
 from springfield.training.inputs import RunData
@@ -25,17 +25,6 @@ from springfield.training.resume import Setup
 
 # Skipped files listed on the console; skipped.txt has them all.
 _SHOW_SKIPPED = 20
-
-
-def _precision_note(precision: str) -> str:
-    # oneDNN falls back to float32 products on a CPU without bfloat16 instructions; say so,
-    # since the run is then neither faster nor numerically the bfloat16 run the flag asked for.
-    if precision == "bfloat16" and onednn.available() and not onednn.bf16_supported():
-        return (
-            " in float32 (--precision bfloat16 needs a CPU with AVX512_BF16 or AMX; this one"
-            " has neither)"
-        )
-    return ""
 
 
 def print_header(setup: Setup, data: RunData, num_params: int, console: Console) -> None:
@@ -47,12 +36,12 @@ def print_header(setup: Setup, data: RunData, num_params: int, console: Console)
     if cfg.early_epochs:
         h, w = cfg.early_size
         sizes += f" (the first {cfg.early_epochs} epochs at {h}x{w})"
+    layers = kernels.describe(cfg.kernels, cfg.precision)
     console.print(
         f"[bold]{cfg.model}[/] ({num_params:,} parameters) on {len(data.train.index)} train / "
         f"{len(data.val.index)} val images of {len(setup.classes)} classes at {sizes}; "
         f"{cfg.epochs} epochs x {setup.steps_per_epoch} steps "
-        f"on {jax.device_count()} device(s), convolutions by {onednn.short_status()}"
-        f"{_precision_note(cfg.precision)}. Skipped {skipped} file(s)"
+        f"on {jax.device_count()} device(s), layers by {layers}. Skipped {skipped} file(s)"
         + (f" (see {cfg.workdir / 'skipped.txt'})." if skipped else ".")
     )
     console.print(class_sizes_line(data.train, data.val, cfg.balance), highlight=False)

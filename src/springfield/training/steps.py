@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from springfield.kernels import QUICK_COMPILE, eval_compile_options, optimizer_update
 from springfield.parallel import take_rows
-from springfield.runtime import QUICK_COMPILE, eval_compiler_options
-from springfield.training.fused_adam import FusedUpdate
 from springfield.training.optim import averaged_params
 
 
@@ -132,7 +131,7 @@ def make_train_step(
     cutmix_alpha: float = 0.0,
     class_weights: Any = None,
     mixstyle: float = 0.0,
-    fused_update: FusedUpdate | None = None,
+    update: Any = None,
     frozen: bool = False,
 ):
     """``train_step(state, batch, key) -> (state, metrics)``.
@@ -157,8 +156,8 @@ def make_train_step(
     ``mixstyle > 0``: the model (a ResNet) mixes feature statistics between the batch's
     images with this chance per batch (:mod:`springfield.models.mixstyle`).
 
-    ``fused_update`` (:func:`springfield.training.optim.build_fused_update`): ``tx``'s update
-    as one in-place kernel pass, with the same numbers; optax's where it gives None.
+    ``update`` (:func:`springfield.training.optim.build_update`): how the step applies
+    ``tx``, ``(grads, opt_state, params) -> (params, opt_state)``; default optax's own.
 
     ``frozen``: fine-tuning's first phase; the model (one with ImageNet weights) runs its
     body in inference mode, out of the gradient, and only its head learns.
@@ -167,6 +166,7 @@ def make_train_step(
     updates in place), so the ``state`` passed in cannot be used after the call.
     """
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
+    apply_update = optimizer_update(tx, "xla") if update is None else update
 
     def loss_fn(params, rest, batch, key):
         if frozen:
@@ -216,7 +216,7 @@ def make_train_step(
         return loss, (new_rest, logits, losses)
 
     # Donated: XLA writes the new parameters and optimizer state over the old ones instead of
-    # into fresh buffers (refcnn float32 at 64 px: 7% faster), and the fused update needs it.
+    # into fresh buffers (refcnn float32 at 64 px: 7% faster), and an in-place update needs it.
     @partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, batch: dict, key: jax.Array):
         key = jax.random.fold_in(key, state.step)
@@ -229,12 +229,7 @@ def make_train_step(
             # and is skipped, as a non-finite one.
             stats_ok = _all_finite(rest)
             grads = jax.tree.map(lambda g: jnp.where(stats_ok, g, jnp.nan), grads)
-        fused = None if fused_update is None else fused_update(grads, state.opt_state, state.params)
-        if fused is not None:
-            params, opt_state = fused
-        else:
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+        params, opt_state = apply_update(grads, state.opt_state, state.params)
         if skip_nonfinite:
             finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
             rest = jax.tree.map(lambda new, old: jnp.where(finite, new, old), rest, state.rest)
@@ -261,14 +256,14 @@ def make_eval_step(graphdef: Any, *, tta: bool = False):
         logits = inference_logits(model, preprocess(batch["image"]), tta=tta)
         return logits, _losses(logits, batch["label"], 0.0)
 
-    # XLA:CPU's fastest fusion choice depends on the batch size: see eval_compiler_options.
+    # XLA:CPU's fastest fusion choice depends on the batch size: see eval_compile_options.
     on_cpu = jax.default_backend() == "cpu"
     jitted: dict[int, Any] = {}
 
     def dispatch(params: Any, rest: Any, batch: dict):
         n = batch["image"].shape[0]
         if n not in jitted:
-            options = eval_compiler_options(n) if on_cpu else {}
+            options = eval_compile_options(n) if on_cpu else {}
             jitted[n] = jax.jit(eval_step, compiler_options=options or None)
         return jitted[n](params, rest, batch)
 

@@ -26,7 +26,7 @@
 
 namespace ffi = xla::ffi;
 
-// onednn_conv.cc: every handler of the library takes turns (each spreads over every core).
+// common.cc: every handler of the library takes turns (each spreads over every core).
 std::mutex& SpringfieldCallLock();
 
 namespace {

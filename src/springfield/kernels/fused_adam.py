@@ -4,7 +4,7 @@ Under XLA:CPU, ``optax.adam`` followed by ``optax.apply_updates`` is three loops
 parameter: the first moment, the second moment, then the parameter from both, read back
 from memory; the last is bound by its two divisions and square root. A step of ``refcnn``
 (a 2.1M-weight dense layer at 64 px) spent 5.4 of its 18 ms there in bfloat16. The kernel
-``springfield/kernels/adam.cc`` reads each gradient, moment and parameter once and writes
+``springfield/kernels/onednn/adam.cc`` reads each gradient, moment and parameter once and writes
 the moments and parameter back in place (the train step donates its state), with optax's
 arithmetic operation for operation: the parameters and the optimizer state come out bit for
 bit as optax's (tests/test_fused_adam.py), and the state keeps optax's structure, so
@@ -13,13 +13,14 @@ checkpoints, ``springfield eval`` and resuming see no difference.
 :func:`make_fused_update` gives the update for what
 :func:`springfield.training.optim.make_optimizer` builds for ``adam`` (with ``--weight-decay``
 as L2) and ``adamw``, or None where it cannot run: another optimizer, several devices, a
-CPU without AVX2 and FMA, no compiled kernels, ``SPRINGFIELD_FUSED_ADAM=0``.
+CPU without AVX2 and FMA, no compiled kernels. The train step gets it through
+:func:`springfield.kernels.optimizer_update`, which also decides whether it is wanted
+(``--kernels``).
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from springfield.kernels import onednn
+from springfield.kernels.onednn import adam as onednn
+from springfield.training.optim import find_state
 
 # (grads, opt_state, params) -> (params, opt_state), or None to use optax's update instead.
 FusedUpdate = Callable[[Any, Any, Any], "tuple[Any, Any] | None"]
@@ -40,13 +42,13 @@ def make_fused_update(
     :func:`springfield.training.optim.make_optimizer` builds it for ``name``, as one kernel
     call per step; None for any other optimizer or where the kernel cannot run (see the
     module docstring). A name registered over optax's is the caller's to rule out
-    (:func:`~springfield.training.optim.build_fused_update` does).
+    (:func:`~springfield.training.optim.build_update` does).
 
     The returned function gives None (use optax's update) for parameters that are not all
     float32 or an optimizer state of another shape, so it is always safe to try."""
     if name not in ("adam", "adamw"):
         return None
-    if os.environ.get("SPRINGFIELD_FUSED_ADAM", "1") == "0" or not onednn.adam_available():
+    if not onednn.adam_available():
         return None
     defaults = {k: v.default for k, v in inspect.signature(getattr(optax, name)).parameters.items()}
     if defaults.get("eps_root", 0.0) != 0.0 or defaults.get("nesterov", False):
@@ -93,19 +95,6 @@ def make_fused_update(
         return new_params, _replace_states(opt_state, new_adam)
 
     return update
-
-
-def find_state(state: Any, kind: type) -> Any:
-    """The first ``kind`` state in an optimizer state, looking inside chains and wrapper
-    states (tuples and named tuples, nested), or None."""
-    if isinstance(state, kind):
-        return state
-    if isinstance(state, tuple):
-        for part in state:
-            found = find_state(part, kind)
-            if found is not None:
-                return found
-    return None
 
 
 def _replace_states(state: Any, adam: optax.ScaleByAdamState) -> Any:
