@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,21 @@ def test_no_submodule_shadows_an_api_name():
         ), name
 
 
+def test_source_files_stay_short_and_the_switches_are_config_fields():
+    # A reader meets small modules; kernel choices are config fields (--kernels), not
+    # environment variables (only user settings such as the cache folder and the token).
+    sources = [p for p in SRC.rglob("*") if p.suffix in (".py", ".cc", ".h")]
+    assert len(sources) > 50
+    long = {
+        str(p.relative_to(SRC)): n for p in sources if (n := len(p.read_text().splitlines())) > 500
+    }
+    assert long == {}
+    names = set()
+    for p in SRC.rglob("*.py"):
+        names |= set(re.findall(r"SPRINGFIELD_[A-Z0-9_]+", p.read_text()))
+    assert len(names) <= 4, sorted(names)
+
+
 def test_the_command_reaches_the_train_step_in_three_calls(tiny_folder, tmp_path):
     # `springfield train` is the Python API: cli.main -> api.train -> loop.train -> the step.
     # Counted on the real call stack when the jitted step first traces its Python function.
@@ -99,8 +115,10 @@ def test_the_command_reaches_the_train_step_in_three_calls(tiny_folder, tmp_path
 
     def profile(frame, event, arg):
         code = frame.f_code
-        if event == "call" and code.co_name == "train_step" and code.co_filename.endswith(
-            "steps.py"
+        if (
+            event == "call"
+            and code.co_name == "train_step"
+            and code.co_filename.endswith("steps.py")
         ):
             names, f = [], frame.f_back
             while f is not None and f.f_code.co_name != "main":
