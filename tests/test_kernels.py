@@ -35,7 +35,8 @@ def test_a_run_with_kernels_xla_says_so_and_saves_it(tiny_folder, tmp_path, caps
             "--no-tensorboard", "--no-report", "--kernels", "xla"]  # fmt: skip
     assert main(argv) == 0
     assert json.loads((workdir / "config.json").read_text())["kernels"] == "xla"
-    assert "layers by XLA (--kernels xla)" in " ".join(capsys.readouterr().out.split())
+    printed = capsys.readouterr()
+    assert "layers by XLA (--kernels xla)" in " ".join((printed.out + printed.err).split())
 
 
 def test_selections_nest_and_restore():

@@ -43,13 +43,15 @@ def process_start() -> float | None:
         return None
 
 
-def setup_runtime() -> None:
-    """Add springfield's XLA flags (before JAX initialises) and mark absl flags parsed.
+def setup_runtime(xla_flags: bool = True) -> None:
+    """Add springfield's XLA flags (before JAX initialises; not with ``xla_flags=False``, as
+    for a benchmark of plain JAX) and mark absl flags parsed.
 
     grain 0.2.18's worker processes read an absl flag and fail with
     ``UnparsedFlagAccessError`` unless the flags were marked parsed first.
     """
-    add_xla_flags()
+    if xla_flags:
+        add_xla_flags()
     from absl import flags as absl_flags
 
     if not absl_flags.FLAGS.is_parsed():

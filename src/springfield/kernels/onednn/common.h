@@ -9,9 +9,10 @@
 // a single convolution writes (its output, its input's gradient) are float32 or, from
 // bfloat16 inputs, bfloat16 where the caller asks for them so.
 //
-// Besides single convolutions, whole conv -> bias -> ReLU -> 2x2 average-pool blocks (the
-// reference CNN's and `seed`'s) run as one call each way: see "conv + bias + ReLU" below;
-// BatchNorm, and the matrix products of dense layers ("matrix products" below), too.
+// Besides single convolutions (conv.cc), whole conv -> bias -> ReLU -> 2x2 average-pool
+// blocks (the reference CNN's and `seed`'s) run as one call each way (block.cc, pool.cc);
+// BatchNorm (norm.cc), the matrix products of dense layers (matmul.cc) and the fused Adam
+// update (adam.cc), too.
 //
 // One plan (primitive descriptors, primitives, weight reorders) is built per geometry
 // and cached for the life of the process. Calls run one at a time (each uses every core),
