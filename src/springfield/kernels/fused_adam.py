@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import optax
 
 from springfield.kernels.onednn import adam as onednn
-from springfield.training.optim import find_state
 
 # (grads, opt_state, params) -> (params, opt_state), or None to use optax's update instead.
 FusedUpdate = Callable[[Any, Any, Any], "tuple[Any, Any] | None"]
@@ -108,3 +107,16 @@ def _replace_states(state: Any, adam: optax.ScaleByAdamState) -> Any:
         parts = [_replace_states(s, adam) for s in state]
         return state._make(parts) if hasattr(state, "_make") else tuple(parts)
     return state
+
+
+def find_state(state: Any, kind: type) -> Any:
+    """The first ``kind`` state in an optimizer state, looking inside chains and wrapper
+    states (tuples and named tuples, nested), or None."""
+    if isinstance(state, kind):
+        return state
+    if isinstance(state, tuple):
+        for part in state:
+            found = find_state(part, kind)
+            if found is not None:
+                return found
+    return None

@@ -14,6 +14,7 @@ import optax
 from springfield import kernels
 from springfield.errors import SpringfieldError
 from springfield.kernels import QUICK_COMPILE
+from springfield.kernels.fused_adam import find_state
 
 if TYPE_CHECKING:
     from springfield.config import TrainConfig
@@ -164,19 +165,6 @@ def params_ema(decay: float) -> optax.GradientTransformation:
         return updates, ParamsEmaState(state.count + 1, ema)
 
     return optax.GradientTransformation(init, update)
-
-
-def find_state(state: Any, kind: type) -> Any:
-    """The first ``kind`` state in an optimizer state, looking inside chains and wrapper
-    states (tuples and named tuples, nested), or None."""
-    if isinstance(state, kind):
-        return state
-    if isinstance(state, tuple):
-        for part in state:
-            found = find_state(part, kind)
-            if found is not None:
-                return found
-    return None
 
 
 def averaged_params(opt_state: Any) -> optax.Params | None:
