@@ -111,7 +111,8 @@ _PRESETS_HELP = (
     "for real frames and drawings of the characters (docs/results.md); --preset "
     "simpsons-quick is the same recipe in 72 epochs without --style, about 10 minutes on 2 "
     "cores for all six classes; --preset simpsons-pretrained fine-tunes EfficientNet-Lite0 "
-    "from ImageNet weights in a 10-minute --time-budget (docs/pretrained.md). --config "
+    "from ImageNet weights in a 10-minute --time-budget, the best start for drawings and web "
+    "pictures (docs/pretrained.md). --config "
     "FILE: the settings of a JSON or YAML file of train flags (a run's own config.json "
     "reruns that run). Flags override both."
 )

@@ -237,20 +237,21 @@ PRESETS: dict[str, dict] = {
 PRESETS["simpsons-quick"] = {**PRESETS["simpsons"], "epochs": 72, "early_epochs": 43, "style": 0.0}
 
 
-# Starting from ImageNet (docs/pretrained.md): EfficientNet-Lite0 at 160 px, fine-tuned as
-# fastai's fine_tune (one frozen epoch, then discriminative rates 10x apart), as many epochs as
-# fit in ten minutes on the machine at hand. Chosen over 128 px and --lr-mult 3 or 100 on
-# six classes, seed 0, looking at the frames *and* the real drawings (--lr-mult 3 gained
-# frames and lost half the drawings).
+# Starting from ImageNet (docs/pretrained.md): EfficientNet-Lite0 at 160 px, every layer
+# trained from the first step at one rate (AdamW 1e-3, one-cycle, no label smoothing), as
+# many epochs as fit in ten minutes on the machine at hand. The plain fine-tune of a PyTorch
+# script: on four classes, seed 0, 8 epochs it reached 98.1% on frames and 97.5% on the real
+# drawings, where fastai's recipe (one frozen epoch, rates 10x apart, lr 3e-3, smoothing 0.1)
+# reached 95.6% and 77.8%; chosen on the frames, the drawings seen too.
 PRESETS["simpsons-pretrained"] = dict(
     model="efficientnet-lite0",
     image_size=(160, 160),
     batch_size=32,
-    lr=3e-3,
-    lr_mult=10.0,
-    freeze_epochs=1,
+    lr=1e-3,
+    lr_mult=1.0,
+    freeze_epochs=0,
     weight_decay=0.01,
-    label_smoothing=0.1,
+    label_smoothing=0.0,
     balance="loss",
     tta=True,
     time_budget="10m",
