@@ -10,9 +10,9 @@ in float32 and in bfloat16 (the ``-bf16`` rows; the "multiplies in" column), by
   bfloat16`` (bfloat16 products in the convolutions, float32 sums, and since 2026-12-06
   bfloat16 activations between the layers of the ResNets, as autocast has); plus, to show what
   springfield's oneDNN kernels, its XLA flags and its convolution layer each buy,
-  ``springfield-xla-conv`` (``SPRINGFIELD_ONEDNN=0``: XLA's convolutions),
-  ``springfield-xla-default`` (that and ``SPRINGFIELD_XLA_FLAGS=0``: plain JAX) and
-  ``springfield-lax-conv`` (``SPRINGFIELD_CONV=lax``);
+  ``springfield-xla-conv`` (``--kernels xla``: XLA's kernels), ``springfield-xla-default``
+  (that and none of springfield's XLA flags: plain JAX) and ``springfield-lax-conv`` (a
+  portable model: plain ``lax`` convolutions); ``race/rows.py`` is where they are switched;
 * ``torch-eager`` (channels_last) and ``torch-compile`` (PyTorch), and both under
   ``torch.autocast(dtype=torch.bfloat16)`` (``torch-eager-bf16``, ``torch-compile-bf16``);
 * ``keras-tf`` (TensorFlow graph mode, oneDNN), ``keras-tf-xla`` (``jit_compile=True``), both
@@ -27,7 +27,7 @@ TF). A bfloat16 row on a CPU without AVX512_BF16 or AMX measures conversions to 
 not bfloat16 kernels: the note under the table says which the machine has.
 
 springfield's rows (except ``springfield-xla-default``) run with the environment the
-``springfield`` command gives itself (huge pages for malloc, ``springfield.runtime.malloc_env``);
+``springfield`` command gives itself (huge pages for malloc, ``kernels.tuning.malloc_env``);
 ``--hugepages-all`` gives it to every framework, to show what the setting alone is worth.
 
 Every framework lives in its own worker subprocess (no thread-pool interference, own

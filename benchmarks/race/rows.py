@@ -1,22 +1,20 @@
 """The race's rows (which worker process runs each, in which environment) and the one place
 that knows how springfield's kernel variants are switched on.
 
-springfield chooses its kernels today from environment variables read when it starts
-(``SPRINGFIELD_ONEDNN``, ``SPRINGFIELD_XLA_FLAGS``, ``SPRINGFIELD_CONV``) plus the malloc
-setting its command gives itself (``springfield.runtime.malloc_env``) and
-``springfield.runtime.setup_runtime()``. Only :func:`springfield_env` and
-:func:`start_springfield` below touch that; the rows name their variant by what it means
-(``SPRINGFIELD_VARIANTS``). When the switches become a config field / Python options,
-these two functions change and nothing else.
+The rows name their variant by what it means (``SPRINGFIELD_VARIANTS``); only the three
+functions below turn that into springfield's interface: ``kernels.use`` / ``kernels.portable``
+around model building and ``kernels.optimizer_update`` (:func:`springfield_kernels`),
+``setup_runtime(xla_flags=...)`` (:func:`start_springfield`) and the huge-page malloc
+setting the ``springfield`` command gives itself (:func:`springfield_env`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# springfield's variant workers, by meaning: "kernels" xla = XLA's convolutions instead of
+# springfield's variant workers, by meaning: "kernels" xla = XLA's kernels instead of
 # oneDNN's; "xla_flags" default = plain JAX (none of springfield's XLA flags); "conv" lax =
-# springfield's convolution layer replaced by lax.conv_general_dilated.
+# a portable model (plain lax.conv_general_dilated convolutions).
 SPRINGFIELD_VARIANTS: dict[str, dict[str, str]] = {
     "springfield": {},
     "springfield-xla-default": {"kernels": "xla", "xla_flags": "default"},
@@ -26,29 +24,29 @@ SPRINGFIELD_VARIANTS: dict[str, dict[str, str]] = {
 
 
 def springfield_env(proc: str, malloc: bool) -> dict[str, str]:
-    """The environment variables that give worker ``proc`` its springfield variant, plus
-    (``malloc``) the huge-page malloc setting the ``springfield`` command gives itself."""
-    env: dict[str, str] = {}
-    if malloc:
-        from springfield.runtime import malloc_env
+    """The environment variables of worker ``proc``: (``malloc``) the huge-page malloc
+    setting the ``springfield`` command gives itself."""
+    if not malloc:
+        return {}
+    from springfield.kernels.tuning import malloc_env
 
-        env.update(malloc_env())
-    options = SPRINGFIELD_VARIANTS.get(proc, {})
-    if options.get("kernels") == "xla":
-        env["SPRINGFIELD_ONEDNN"] = "0"
-    if options.get("xla_flags") == "default":
-        env["SPRINGFIELD_XLA_FLAGS"] = "0"
-    if options.get("conv") == "lax":
-        env["SPRINGFIELD_CONV"] = "lax"
-    return env
+    return dict(malloc_env())
 
 
 def start_springfield(proc: str) -> None:
-    """In a springfield worker, before anything is built: what the ``springfield`` command
-    does at start (its XLA flags, where ``springfield_env`` left them on)."""
+    """In a springfield worker, before JAX starts: what the ``springfield`` command does at
+    start (its XLA flags, except for plain JAX)."""
     from springfield.runtime import setup_runtime
 
-    setup_runtime()
+    options = SPRINGFIELD_VARIANTS.get(proc, {})
+    setup_runtime(xla_flags=options.get("xla_flags") != "default")
+
+
+def springfield_kernels(proc: str) -> tuple[str, bool]:
+    """``(kernels, portable)`` for building worker ``proc``'s model and optimizer update:
+    ``--kernels`` (``auto`` or ``xla``) and whether the model is built portable."""
+    options = SPRINGFIELD_VARIANTS.get(proc, {})
+    return options.get("kernels", "auto"), options.get("conv") == "lax"
 
 
 def uses_springfield_malloc(proc: str) -> bool:

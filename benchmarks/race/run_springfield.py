@@ -12,18 +12,27 @@ class SpringfieldRunner(Runner):
     factory, batches through ``parallel.shard_batch`` as in the training loop."""
 
     def __init__(
-        self, cfg: Config, images: np.ndarray, labels: np.ndarray, precision: str = "float32"
+        self,
+        cfg: Config,
+        images: np.ndarray,
+        labels: np.ndarray,
+        precision: str = "float32",
+        proc: str = "springfield",
     ) -> None:
         import jax
         import optax
 
-        from springfield import parallel
+        from race.rows import springfield_kernels
+        from springfield import kernels, parallel
         from springfield.models import MODELS, build_model, count_params
-        from springfield.training.fused_adam import make_fused_update
         from springfield.training.optim import make_optimizer
         from springfield.training.steps import init_state, make_eval_step, make_train_step
 
-        model = build_model(cfg.net, cfg.classes, image_size=cfg.size, precision=precision)
+        choice, portable = springfield_kernels(proc)
+        with kernels.portable() if portable else kernels.use():
+            model = build_model(
+                cfg.net, cfg.classes, image_size=cfg.size, precision=precision, kernels=choice
+            )
         if MODELS[cfg.net].load_pretrained:  # the EfficientNet-Lites: ImageNet weights, new head
             MODELS[cfg.net].load_pretrained(model)
         self.params = count_params(model)
@@ -33,8 +42,8 @@ class SpringfieldRunner(Runner):
         self.mesh = parallel.make_mesh()
         self.state = parallel.replicate(state, self.mesh)
         # As the training loop does: Adam as one in-place pass where the kernel runs.
-        fused = make_fused_update("adam", schedule, weight_decay=0.0)
-        self.step = make_train_step(graphdef, tx, fused_update=fused)
+        update = kernels.optimizer_update(tx, choice, name="adam", schedule=schedule)
+        self.step = make_train_step(graphdef, tx, update=update)
         self.eval_step = make_eval_step(graphdef)
         self.batch = {"image": images, "label": labels, "mask": np.ones(len(labels), np.float32)}
         self.key = jax.random.key(0)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from race.common import LITES, NETS, RESNETS, Config, Runner, timed
-from race.rows import SPRINGFIELD_VARIANTS, precision_of, start_springfield
+from race.rows import ROWS, SPRINGFIELD_VARIANTS, precision_of, start_springfield
 
 
 def make_runner(
@@ -22,7 +22,7 @@ def make_runner(
     if row.startswith("springfield"):
         from race.run_springfield import SpringfieldRunner
 
-        return SpringfieldRunner(cfg, images, labels, precision_of(row))
+        return SpringfieldRunner(cfg, images, labels, precision_of(row), ROWS[row].proc)
     if cfg.net not in NETS and cfg.net not in RESNETS and cfg.net not in LITES:
         raise NotImplementedError(f"{cfg.net} is a springfield-only network")
     bf16 = precision_of(row) == "bfloat16"
