@@ -36,11 +36,11 @@ _UNITS = {"s": 1, "m": 60, "h": 3600}
 FINAL_OVERHEAD_S = 20.0
 # Untimed steps after the first: what the input workers prefetched while it compiled.
 DRAIN = 10
-# The training loop's epochs took 1.3-1.45x the probe's step time times the steps (six
-# classes at 160 px on a 2-core Zen 5: probe 0.70-0.72 s a step, epochs of 53-71 s for 59
-# steps), and vary by 30% from epoch to epoch on a shared machine. The cause of the gap was
-# not found; until it is, the estimate carries it, erring towards finishing early.
-MARGIN = 1.4
+# On a quiet machine the loop's epochs take what the probe predicts (six classes at 160 px on
+# a 2-core Zen 5: probe 991 ms a step, epochs of 57-62 s for 60 steps); with other work
+# beside them, 1.3-1.45x that (other processes' memory traffic slows the memory-bound
+# depthwise layers). The margin keeps a quiet run inside its budget with room to spare.
+MARGIN = 1.1
 
 
 def parse_budget(text: str) -> float:
