@@ -71,18 +71,28 @@ def test_unknown_binary_and_unsupported_formats() -> None:
         load_rgb(encode(Image.new("RGB", (4, 4)), "PPM"))
 
 
-# Run in a fresh process: ru_maxrss is the peak of the whole process, which an earlier test
-# in this one may already have raised past any limit a test could set.
+# Run in a fresh process, read from /proc/self/status's VmHWM (the peak of this address
+# space): the peak of a test process may already be past any limit a test could set, and
+# ru_maxrss would not do either, since Linux carries the parent's resident size at the fork
+# over the exec (a child of a 1.5 GB pytest worker starts with ru_maxrss 1.5 GB).
 _PEAK_RSS_GROWTH = """
 import resource, sys
 from pathlib import Path
+
+def peak_kb():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
 from PIL import Image
 from springfield.data import decode
 path, pillow_check, our_limit = sys.argv[1], sys.argv[2] == "on", int(sys.argv[3])
 if not pillow_check:
     Image.MAX_IMAGE_PIXELS = None
 decode.MAX_PIXELS = our_limit
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 refused = 0
 for size in (None, (64, 64)):
     try:
@@ -93,7 +103,7 @@ try:
     decode.probe_image(Path(path))
 except decode.BadImageError:
     refused += 1
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kb()
 print(refused, (after - before) / 1024)
 """
 
