@@ -35,16 +35,10 @@ def _correlate(xp: jax.Array, w: jax.Array, s: int, out: tuple[int, int]) -> jax
     k = w.shape[0]
     dtype = xp.dtype
     xp, w = xp.astype(jnp.float32), w.astype(jnp.float32)
-    oh, ow = out
     y = None
     for i in range(k):
         for j in range(k):
-            tap = lax.slice(
-                xp,
-                (0, i, j, 0),
-                (xp.shape[0], i + (oh - 1) * s + 1, j + (ow - 1) * s + 1, xp.shape[3]),
-                (1, s, s, 1),
-            )
+            tap = _tap(xp, i, j, out, s)
             y = tap * w[i, j] if y is None else y + tap * w[i, j]
     return y.astype(dtype)
 
@@ -78,12 +72,7 @@ def _depthwise_bwd(s: int, res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Ar
     for i in range(k):
         row = []
         for j in range(k):
-            tap = lax.slice(
-                xp,
-                (0, i, j, 0),
-                (xp.shape[0], i + (oh - 1) * s + 1, j + (ow - 1) * s + 1, xp.shape[3]),
-                (1, s, s, 1),
-            )
+            tap = _tap(xp, i, j, (oh, ow), s)
             row.append(jnp.sum(tap.astype(jnp.float32) * dy32, axis=(0, 1, 2)))
         rows.append(jnp.stack(row))
     dw = jnp.stack(rows).astype(w.dtype)
@@ -130,3 +119,15 @@ def depthwise_conv(
     ):
         raise ValueError("depthwise_conv: only square depthwise kernels, SAME, equal strides")
     return _depthwise(lhs, rhs[:, :, 0, :], s)
+
+
+def _tap(xp: jax.Array, i: int, j: int, out: tuple[int, int], s: int) -> jax.Array:
+    """The input each output pixel sees at kernel position ``(i, j)``: a strided slice of the
+    padded input ``xp``, of the output's size ``out``."""
+    oh, ow = out
+    return lax.slice(
+        xp,
+        (0, i, j, 0),
+        (xp.shape[0], i + (oh - 1) * s + 1, j + (ow - 1) * s + 1, xp.shape[3]),
+        (1, s, s, 1),
+    )
