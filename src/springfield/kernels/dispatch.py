@@ -167,10 +167,18 @@ def dense_dot() -> Any:
 
 
 def depthwise_conv() -> Any:
-    """The convolution function of a depthwise layer (``feature_group_count`` = channels,
-    square kernel, SAME, equal strides): XLA's shifted sums (:mod:`.depthwise`), everywhere
-    (XLA's own grouped convolution is 10-100x slower on a CPU)."""
-    return _depthwise_conv
+    """The convolution function of a depthwise layer built now (``feature_group_count`` =
+    channels, square kernel, SAME, equal strides): oneDNN's depthwise kernels where the
+    model's convolutions run there (:func:`springfield.kernels.onednn.make_depthwise`), else
+    XLA's shifted sums (:mod:`.depthwise`; XLA's own grouped convolution is 10-100x slower
+    on a CPU), which a portable model keeps."""
+    sel = selected()
+    if sel.portable or not sel.options.onednn_depthwise or not onednn_runs(sel):
+        return _depthwise_conv
+    return onednn.make_depthwise(
+        _depthwise_conv,
+        bfloat16=sel.precision == "bfloat16" and sel.options.bf16_activations,
+    )
 
 
 def optimizer_update(

@@ -33,6 +33,9 @@ class KernelOptions:
     """Under ``--precision bfloat16``, dense layers' products in bfloat16 in oneDNN: None
     does so except on CPUs with AMX, where oneDNN's skinny bfloat16 products measured no
     faster than XLA's float32 dot (docs/performance.md)."""
+    onednn_depthwise: bool = True
+    """Depthwise convolutions (EfficientNet-Lite) in oneDNN's depthwise kernels (else XLA's
+    shifted sums, :mod:`springfield.kernels.depthwise`)."""
     fused_adam: bool = True
     """Adam and AdamW as one in-place kernel pass, with optax's numbers bit for bit."""
     block_chunk_kb: int = 4096

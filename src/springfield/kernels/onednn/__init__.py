@@ -2,6 +2,7 @@
 
 - :mod:`.conv`: 2-D convolutions (a drop-in for :func:`jax.lax.conv_general_dilated`) and
   whole conv + bias + ReLU + 2x2 average-pool blocks;
+- :mod:`.depthwise`: depthwise convolutions (EfficientNet-Lite's);
 - :mod:`.norm`: BatchNorm (+ ReLU), training and inference;
 - :mod:`.dense`: dense layers' products in bfloat16;
 - :mod:`.adam`: the fused Adam/AdamW update (:mod:`springfield.kernels.fused_adam`);
@@ -18,6 +19,7 @@ from springfield.kernels.onednn.conv import (
     implementation,
     make_conv,
 )
+from springfield.kernels.onednn.depthwise import make_depthwise
 from springfield.kernels.onednn.dense import MIN_BF16_DENSE_WEIGHTS, make_dense_dot, matmul
 from springfield.kernels.onednn.library import available, bf16_supported, status
 from springfield.kernels.onednn.norm import batch_norm, batch_norm_infer
@@ -35,6 +37,7 @@ __all__ = [
     "implementation",
     "make_conv",
     "make_dense_dot",
+    "make_depthwise",
     "matmul",
     "status",
 ]
