@@ -19,8 +19,8 @@ from springfield.kernels.onednn.conv import (
     implementation,
     make_conv,
 )
-from springfield.kernels.onednn.depthwise import make_depthwise
 from springfield.kernels.onednn.dense import MIN_BF16_DENSE_WEIGHTS, make_dense_dot, matmul
+from springfield.kernels.onednn.depthwise import make_depthwise
 from springfield.kernels.onednn.library import available, bf16_supported, status
 from springfield.kernels.onednn.norm import batch_norm, batch_norm_infer
 

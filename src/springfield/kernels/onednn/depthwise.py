@@ -117,9 +117,7 @@ def make_depthwise(
     return depthwise
 
 
-def implementation(
-    x_shape: tuple, k: int, stride: int, bfloat16: bool = False
-) -> str:
+def implementation(x_shape: tuple, k: int, stride: int, bfloat16: bool = False) -> str:
     """oneDNN's implementation names (forward / input grad / weight grad) for a depthwise
     geometry."""
     import ctypes
