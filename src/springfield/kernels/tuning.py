@@ -20,8 +20,7 @@ for the activations of a small CNN. Where the kernel hands out transparent huge 
 on request (``madvise``, the default of Debian and Ubuntu), glibc asks for them when the
 tunable ``glibc.malloc.hugetlb=1`` is set, which must happen before the process starts: the
 ``springfield`` command re-executes itself once with it (:func:`malloc_env`), which trained
-the reference CNN 1.2x faster (docs/performance.md). The same re-execution asks glibc to
-keep freed memory for reuse instead of returning it (:data:`KEEP_MEMORY_TUNABLES`).
+the reference CNN 1.2x faster (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -92,41 +91,27 @@ def eval_compile_options(batch_size: int) -> dict[str, str]:
 
 
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-# glibc maps every allocation over 32 MiB afresh and unmaps it when freed (and a thread's
-# arena does so for any that does not fit its 64 MiB heap), so XLA's per-step buffers were
-# faulted in anew on every step: about 1 GB a step for Lite0 at 160 px, batch 32. With no
-# mmap'd allocations, one arena and no trimming, the heap keeps them and the next step reuses
-# them: 17x fewer huge-page faults, and in the framework race (short bursts of steps)
-# Lite0's float32 training 24 -> 61 img/s on a 2-core Zen 5 (docs/performance.md). The cost:
-# the process keeps its peak memory (4.4 against 2.0 GB for that step's benchmark).
-KEEP_MEMORY_TUNABLES = (
-    "glibc.malloc.mmap_max=0",
-    "glibc.malloc.arena_max=1",
-    "glibc.malloc.trim_threshold=4294967296",
-)
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def malloc_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment variables to add so that glibc's malloc keeps freed memory for reuse
-    (:data:`KEEP_MEMORY_TUNABLES`) and, where the kernel gives transparent huge pages on
-    request only, backs large buffers with them (:data:`HUGEPAGE_TUNABLE`); empty where
-    every one is already set (a user's own value wins) or on anything but glibc on Linux."""
+    """Environment variables to add so that glibc's malloc backs large buffers with
+    transparent huge pages; empty where that is already set, not glibc on Linux, or
+    pointless (the kernel gives huge pages always, or never)."""
     environ = os.environ if environ is None else environ
-    if not sys.platform.startswith("linux") or not _is_glibc():
+    if not sys.platform.startswith("linux"):
         return {}
-    wanted = list(KEEP_MEMORY_TUNABLES)
-    try:
-        if "[madvise]" in THP_SETTING.read_text():
-            wanted.append(HUGEPAGE_TUNABLE)
-    except OSError:
-        pass
+    if not _is_glibc():
+        return {}
     current = environ.get("GLIBC_TUNABLES", "")
-    have = {t.split("=")[0] for t in current.split(":") if t}
-    add = [t for t in wanted if t.split("=")[0] not in have]
-    if not add:
+    if "glibc.malloc.hugetlb" in current:
         return {}
-    return {"GLIBC_TUNABLES": ":".join(t for t in (current, *add) if t)}
+    try:
+        if "[madvise]" not in THP_SETTING.read_text():
+            return {}
+    except OSError:
+        return {}
+    return {"GLIBC_TUNABLES": ":".join(t for t in (current, HUGEPAGE_TUNABLE) if t)}
 
 
 def _is_glibc() -> bool:
