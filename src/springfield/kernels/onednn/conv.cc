@@ -1,4 +1,7 @@
-// Single convolutions (forward, input gradient, weight gradient) as FFI handlers.
+// Single convolutions (forward, input gradient, weight gradient) as FFI handlers: plain
+// ones (HWIO weights) and depthwise ones (one k x k filter per channel, EfficientNet-Lite's:
+// weights (k, k, 1, C), which is oneDNN's hwigo layout of a grouped convolution with C
+// groups of one channel each; oneDNN runs those in its *_dw kernels).
 #include "common.h"
 
 using namespace springfield;
@@ -16,20 +19,28 @@ struct Plan {
   dnnl::primitive fwd, bwd_data, bwd_weights;
 };
 
+// Added to a Key's types: a depthwise convolution (o == c).
+constexpr int64_t kDepthwise = 4;
+
 std::shared_ptr<Plan> MakePlan(const Key& k) {
-  auto [n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, types] = k;
+  auto [n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, kind] = k;
+  const bool depthwise = kind & kDepthwise;
+  const int64_t types = kind & ~kDepthwise;
+  const memory::dims wdims =
+      depthwise ? memory::dims{c, 1, 1, kh, kw} : memory::dims{o, c, kh, kw};
+  const tag wtag = depthwise ? tag::hwigo : tag::hwio;
   const dt in = types != kF32 ? dt::bf16 : dt::f32;
   const dt out = types == kBf16InOut ? dt::bf16 : dt::f32;
   auto plan = std::make_shared<Plan>();
   auto& eng = Engine();
   plan->src = memory::desc({n, c, h, w}, in, tag::nhwc);
   plan->dst = memory::desc({n, o, oh, ow}, in, tag::nhwc);
-  plan->wei_user = memory::desc({o, c, kh, kw}, in, tag::hwio);
+  plan->wei_user = memory::desc(wdims, in, wtag);
   plan->src_out = memory::desc({n, c, h, w}, out, tag::nhwc);
   plan->dst_out = memory::desc({n, o, oh, ow}, out, tag::nhwc);
-  plan->wei_f32 = memory::desc({o, c, kh, kw}, dt::f32, tag::hwio);
-  memory::desc wei_any({o, c, kh, kw}, in, tag::any);
-  memory::desc diff_wei_any({o, c, kh, kw}, dt::f32, tag::any);
+  plan->wei_f32 = memory::desc(wdims, dt::f32, wtag);
+  memory::desc wei_any(wdims, in, tag::any);
+  memory::desc diff_wei_any(wdims, dt::f32, tag::any);
   memory::dims strides{sh, sw}, pad_l{pt, pl}, pad_r{pb, pr};
   plan->attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   plan->fwd_pd = dnnl::convolution_forward::primitive_desc(
@@ -50,21 +61,22 @@ std::shared_ptr<Plan> MakePlan(const Key& k) {
 
 std::shared_ptr<Plan> GetPlan(const Key& k) { return Cached(k, MakePlan); }
 
+// x: (n, h, w, c); wt: (kh, kw, c or 1, o); y: (n, oh, ow, o).
 Key MakeKey(ffi::Span<const int64_t> x, ffi::Span<const int64_t> wt,
             ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
-            int64_t pb, int64_t pl, int64_t pr, int64_t types) {
+            int64_t pb, int64_t pl, int64_t pr, int64_t types, int64_t depthwise) {
   return Key{x[0], x[1], x[2], x[3], wt[0], wt[1], wt[3], y[1],
-             y[2], sh,   sw,   pt,   pb,    pl,    pr,    types};
+             y[2], sh,   sw,   pt,   pb,    pl,    pr,    types | (depthwise ? kDepthwise : 0)};
 }
 
 ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                        int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                       int64_t pr) {
+                       int64_t pr, int64_t depthwise) {
   const int64_t types = Types(x.element_type(), y->element_type());
   if (!Supported(x.element_type(), w.element_type()) || types < 0) return Unsupported();
   return Guard([&] {
     auto p = GetPlan(MakeKey(x.dimensions(), w.dimensions(), y->dimensions(), sh,
-                             sw, pt, pb, pl, pr, types));
+                             sw, pt, pb, pl, pr, types, depthwise));
     memory src(p->src, Engine(), x.untyped_data());
     memory dst(p->dst_out, Engine(), y->untyped_data());
     memory wei = WeightsIn(p->wei_user, p->fwd_pd.weights_desc(), w.untyped_data());
@@ -75,12 +87,13 @@ ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
 
 ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w,
                             ffi::Result<ffi::AnyBuffer> dx, int64_t sh, int64_t sw,
-                            int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+                            int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                            int64_t depthwise) {
   const int64_t types = Types(dy.element_type(), dx->element_type());
   if (!Supported(dy.element_type(), w.element_type()) || types < 0) return Unsupported();
   return Guard([&] {
     auto p = GetPlan(MakeKey(dx->dimensions(), w.dimensions(), dy.dimensions(), sh,
-                             sw, pt, pb, pl, pr, types));
+                             sw, pt, pb, pl, pr, types, depthwise));
     memory diff_dst(p->dst, Engine(), dy.untyped_data());
     memory diff_src(p->src_out, Engine(), dx->untyped_data());
     memory wei = WeightsIn(p->wei_user, p->bwd_data_pd.weights_desc(), w.untyped_data());
@@ -92,11 +105,13 @@ ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w,
 
 ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
                                ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
-                               int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+                               int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                            int64_t depthwise) {
   if (!Supported(x.element_type(), dy.element_type())) return Unsupported();
   return Guard([&] {
     auto p = GetPlan(MakeKey(x.dimensions(), dw->dimensions(), dy.dimensions(), sh,
-                             sw, pt, pb, pl, pr, Types(x.element_type(), ffi::DataType::F32)));
+                             sw, pt, pb, pl, pr, Types(x.element_type(), ffi::DataType::F32),
+                             depthwise));
     memory src(p->src, Engine(), x.untyped_data());
     memory diff_dst(p->dst, Engine(), dy.untyped_data());
     RunWeightGrad(p->bwd_weights, p->bwd_weights_pd, p->wei_f32, dw->untyped_data(),
@@ -106,9 +121,10 @@ ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
 
 }  // namespace
 
-#define SPRINGFIELD_CONV_ATTRS                                              \
-  .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top") \
-      .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left").Attr<int64_t>("pad_right")
+#define SPRINGFIELD_CONV_ATTRS                                                    \
+  .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top")       \
+      .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left").Attr<int64_t>("pad_right") \
+      .Attr<int64_t>("depthwise")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvForward, ConvForward,
                               ffi::Ffi::Bind()
@@ -128,7 +144,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpringfieldConvBackwardWeights, ConvBackwardWeight
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>() SPRINGFIELD_CONV_ATTRS);
 
-// Which implementation oneDNN picked for each pass of a geometry: for benchmarks.
+// Which implementation oneDNN picked for each pass of a geometry (bf16: a Key's types, plus
+// 4 for a depthwise convolution): for benchmarks.
 extern "C" const char* springfield_conv_impl(int64_t n, int64_t h, int64_t w, int64_t c,
                                              int64_t kh, int64_t kw, int64_t o,
                                              int64_t oh, int64_t ow, int64_t sh,

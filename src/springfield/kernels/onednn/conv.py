@@ -54,9 +54,10 @@ def _attrs(strides: tuple[int, int], pads: tuple) -> dict[str, np.int64]:
     }
 
 
-def _call(target: str, out: Any, *args: jax.Array, geom: tuple) -> Any:
-    """A convolution kernel: :func:`~.library.ffi` with ``geom``'s strides and padding."""
-    return ffi(target, out, *args, **_attrs(*geom[:2]))
+def _call(target: str, out: Any, *args: jax.Array, geom: tuple, depthwise: bool = False) -> Any:
+    """A convolution kernel (``conv.cc``): :func:`~.library.ffi` with ``geom``'s strides and
+    padding; ``depthwise``: one filter per channel, weights ``(k, k, 1, C)``."""
+    return ffi(target, out, *args, **_attrs(*geom[:2]), depthwise=np.int64(depthwise))
 
 
 def _block_call(target: str, out: Any, *args: jax.Array, geom: tuple) -> Any:
@@ -281,9 +282,15 @@ def make_conv(
 
 
 def implementation(
-    x_shape: tuple, w_shape: tuple, strides: tuple, padding: str = "SAME", bfloat16: bool = False
+    x_shape: tuple,
+    w_shape: tuple,
+    strides: tuple,
+    padding: str = "SAME",
+    bfloat16: bool = False,
+    extra_kind: int = 0,
 ) -> str:
-    """oneDNN's implementation names (forward / input grad / weight grad) for one geometry."""
+    """oneDNN's implementation names (forward / input grad / weight grad) for one geometry
+    (``extra_kind`` 4: depthwise, ``w_shape`` ``(k, k, 1, C)``)."""
     lib, why = load()
     if lib is None:
         return f"XLA ({why})"
@@ -295,5 +302,6 @@ def implementation(
     (pt, pb), (pl, pr) = pads
     n, h, w, c = x_shape
     kh, kw, _, o = w_shape
-    args = (n, h, w, c, kh, kw, o, oh, ow, *strides, pt, pb, pl, pr, int(bfloat16))
+    types = (2 if extra_kind else 1) if bfloat16 else 0
+    args = (n, h, w, c, kh, kw, o, oh, ow, *strides, pt, pb, pl, pr, types | extra_kind)
     return lib.springfield_conv_impl(*(ctypes.c_int64(a) for a in args)).decode()

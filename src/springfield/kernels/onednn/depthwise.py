@@ -3,10 +3,10 @@
 XLA:CPU's grouped convolution is 10-100x slower than the arithmetic needs, and the shifted
 sums of :mod:`springfield.kernels.depthwise` that replace it make a strided pass over the
 activations per kernel tap (25 for a 5x5), which made the depthwise layers half of a Lite0
-training step. oneDNN's ``jit:*_dw`` kernels read each activation once per pass
-(``depthwise.cc``). :func:`make_depthwise` makes a drop-in for the same signature that
-runs NHWC, "SAME", square, equal-stride depthwise convolutions there and calls its fallback
-for anything else.
+training step. oneDNN's ``*_dw`` kernels read each activation once per pass (``conv.cc``:
+a grouped convolution of one channel a group). :func:`make_depthwise` makes a drop-in for
+the same signature that runs NHWC, "SAME", square, equal-stride depthwise convolutions
+there and calls its fallback for anything else.
 """
 
 from __future__ import annotations
@@ -20,28 +20,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from springfield.kernels.onednn.conv import _dims_are_nhwc
-from springfield.kernels.onednn.library import available, bf16_supported, f32, ffi
-
-
-def _attrs(geom: tuple) -> dict[str, np.int64]:
-    s, ((pt, pb), (pl, pr)) = geom[:2]
-    names = ("stride", "pad_top", "pad_bottom", "pad_left", "pad_right")
-    return {k: np.int64(v) for k, v in zip(names, (s, pt, pb, pl, pr), strict=True)}
+from springfield.kernels.onednn.conv import _call, _dims_are_nhwc
+from springfield.kernels.onednn.conv import implementation as conv_implementation
+from springfield.kernels.onednn.library import available, bf16_supported, f32
 
 
 def _out_shape(x: jax.Array, k: int, geom: tuple) -> tuple[int, int, int, int]:
-    s, ((pt, pb), (pl, pr)) = geom[:2]
+    (s, _), ((pt, pb), (pl, pr)) = geom[:2]
     n, h, w, c = x.shape
     return n, (h + pt + pb - k) // s + 1, (w + pl + pr - k) // s + 1, c
 
 
-# geom = (stride, pads, bfloat16): bfloat16 inputs, output and input gradient.
+# geom = (strides, pads, bfloat16): bfloat16 inputs, output and input gradient.
 def _dw_fwd(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
     t = jnp.bfloat16 if geom[2] else np.float32
     x_in, w_in = x.astype(t), w.astype(t)
     out = jax.ShapeDtypeStruct(_out_shape(x, w.shape[0], geom), t)
-    y = ffi("dw_forward", out, x_in, w_in, **_attrs(geom))
+    y = _call("forward", out, x_in, w_in, geom=geom, depthwise=True)
     # The empty array carries the primal input's type to the backward pass.
     return y, (x_in, w_in, jnp.zeros(0, x.dtype))
 
@@ -54,9 +49,9 @@ def _dw(x: jax.Array, w: jax.Array, geom: tuple) -> jax.Array:
 def _dw_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     x_in, w_in, x_type = res
     dy_in = dy.astype(x_in.dtype)
-    dx = ffi("dw_input_grad", jax.ShapeDtypeStruct(x_in.shape, x_in.dtype), dy_in, w_in,
-             **_attrs(geom))  # fmt: skip
-    dw = ffi("dw_weight_grad", f32(w_in.shape), x_in, dy_in, **_attrs(geom))
+    out = jax.ShapeDtypeStruct(x_in.shape, x_in.dtype)
+    dx = _call("input_grad", out, dy_in, w_in, geom=geom, depthwise=True)
+    dw = _call("weight_grad", f32(w_in.shape), x_in, dy_in, geom=geom, depthwise=True)
     return dx.astype(x_type.dtype), dw
 
 
@@ -108,10 +103,9 @@ def make_depthwise(
                 lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                 dimension_numbers, feature_group_count, *args, **kwargs,
             )  # fmt: skip
-        k, s = rhs.shape[0], strides[0]
+        k = rhs.shape[0]
         pads = tuple(tuple(p) for p in lax.padtype_to_pads(lhs.shape[1:3], (k, k), strides, "SAME"))
-        geom = (s, pads, bf16 and lhs.dtype == jnp.bfloat16)
-        return _dw(lhs, rhs[:, :, 0, :], geom)
+        return _dw(lhs, rhs, (strides, pads, bf16 and lhs.dtype == jnp.bfloat16))
 
     depthwise.onednn = True  # type: ignore[attr-defined] - for tests and benchmarks
     return depthwise
@@ -120,17 +114,8 @@ def make_depthwise(
 def implementation(x_shape: tuple, k: int, stride: int, bfloat16: bool = False) -> str:
     """oneDNN's implementation names (forward / input grad / weight grad) for a depthwise
     geometry."""
-    import ctypes
-
-    from springfield.kernels.onednn.library import load
-
-    lib, why = load()
-    if lib is None:
-        return f"XLA ({why})"
-    n, h, w, c = x_shape
-    pads = lax.padtype_to_pads((h, w), (k, k), (stride, stride), "SAME")
-    x = jax.ShapeDtypeStruct(x_shape, np.float32)
-    _, oh, ow, _ = _out_shape(x, k, (stride, pads, bfloat16))
-    (pt, pb), (pl, pr) = pads
-    args = (n, h, w, c, k, oh, ow, stride, pt, pb, pl, pr, 2 if bfloat16 else 0)
-    return lib.springfield_dw_impl(*(ctypes.c_int64(a) for a in args)).decode()
+    c = x_shape[-1]
+    # A Key's types plus 4: depthwise (conv.cc).
+    return conv_implementation(
+        x_shape, (k, k, 1, c), (stride, stride), "SAME", bfloat16=bfloat16, extra_kind=4
+    )

@@ -45,9 +45,6 @@ _TARGETS = {
     "bn_infer": "SpringfieldBnInfer",
     "adam": "SpringfieldAdam",
     "matmul": "SpringfieldMatmul",
-    "dw_forward": "SpringfieldDwForward",
-    "dw_input_grad": "SpringfieldDwBackwardData",
-    "dw_weight_grad": "SpringfieldDwBackwardWeights",
 }
 NAME = "springfield_onednn_conv_"
 
@@ -139,7 +136,6 @@ def load() -> tuple[ctypes.CDLL | None, str]:
         capsule = jax.ffi.pycapsule(getattr(lib, symbol))
         jax.ffi.register_ffi_target(NAME + target, capsule, platform="cpu")
     lib.springfield_conv_impl.restype = ctypes.c_char_p
-    lib.springfield_dw_impl.restype = ctypes.c_char_p
     lib.springfield_bn_workspace_bytes.restype = ctypes.c_int64
     lib.springfield_bn_workspace_bytes.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_float]
     lib.springfield_adam_isa.restype = ctypes.c_int
