@@ -140,6 +140,21 @@ def _unused_fallback(*args, **kwargs):
 
 
 @pytest.mark.skipif(not IS_LINUX_X86, reason="oneDNN's kernels are built for Linux x86_64")
+def test_a_depthwise_convolution_onednn_does_not_run_goes_to_the_fallback():
+    # A dilated kernel: not oneDNN's case here; lax's grouped convolution gets the same call.
+    dw = onednn.make_depthwise(lax.conv_general_dilated)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 1, 8)), jnp.float32)
+    dn = ("NHWC", "HWIO", "NHWC")
+    got = dw(x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=dn,
+             feature_group_count=8)  # fmt: skip
+    want = lax.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
+                                    dimension_numbers=dn, feature_group_count=8)  # fmt: skip
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not IS_LINUX_X86, reason="oneDNN's kernels are built for Linux x86_64")
 def test_onednn_depthwise_in_bfloat16_stays_bfloat16_and_near_float32():
     shape, k, s = (2, 12, 12, 32), 5, 2
     dw = _as_nnx_calls(onednn.make_depthwise(_unused_fallback, bfloat16=True), s, 32)

@@ -100,8 +100,9 @@ def make_depthwise(
         )
         if not ours:
             return fallback(
-                lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                dimension_numbers, feature_group_count, *args, **kwargs,
+                lhs, rhs, window_strides, padding, *args, lhs_dilation=lhs_dilation,
+                rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                feature_group_count=feature_group_count, **kwargs,
             )  # fmt: skip
         k = rhs.shape[0]
         pads = tuple(tuple(p) for p in lax.padtype_to_pads(lhs.shape[1:3], (k, k), strides, "SAME"))
