@@ -79,11 +79,14 @@ def _inputs(geom: tuple, *arrays: jax.Array) -> list[jax.Array]:
     return [a.astype(jnp.bfloat16 if geom[2] else np.float32) for a in arrays]
 
 
+# A single convolution's geom = (strides, pads, bfloat16 products, bfloat16 activations,
+# depthwise: weights (k, k, 1, C), one filter per channel).
 def _conv_fwd(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
     x_in, w_in = _inputs(geom, x, w)
     out = jax.ShapeDtypeStruct(_out_shape(x, w, geom), _activation_type(geom))
+    y = _call("forward", out, x_in, w_in, geom=geom, depthwise=geom[4])
     # The empty array carries the primal input's type to the backward pass.
-    return _call("forward", out, x_in, w_in, geom=geom), (x_in, w_in, jnp.zeros(0, x.dtype))
+    return y, (x_in, w_in, jnp.zeros(0, x.dtype))
 
 
 def _activation_type(geom: tuple) -> Any:
@@ -100,9 +103,9 @@ def _conv_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Ar
     x_in, w_in, x_type = res
     dy_in = dy.astype(x_in.dtype)  # the type the products are in
     out = jax.ShapeDtypeStruct(x_in.shape, _activation_type(geom))
-    dx = _call("input_grad", out, dy_in, w_in, geom=geom).astype(x_type.dtype)
-    dw = _call("weight_grad", f32(w_in.shape), x_in, dy_in, geom=geom)
-    return dx, dw
+    dx = _call("input_grad", out, dy_in, w_in, geom=geom, depthwise=geom[4])
+    dw = _call("weight_grad", f32(w_in.shape), x_in, dy_in, geom=geom, depthwise=geom[4])
+    return dx.astype(x_type.dtype), dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -270,9 +273,9 @@ def make_conv(
         bf16 = bfloat16 and rhs.shape[2] >= MIN_BF16_CHANNELS
         if not bf16:
             # Float32 products: oneDNN writes them in float32 only (the image's convolution).
-            y = _conv(lhs, rhs, (strides, _pads(padding), False, False))
+            y = _conv(lhs, rhs, (strides, _pads(padding), False, False, False))
             return y.astype(jnp.bfloat16) if activations else y
-        return _conv(lhs, rhs, (strides, _pads(padding), True, activations))
+        return _conv(lhs, rhs, (strides, _pads(padding), True, activations, False))
 
     # Read by layers: this convolution runs on oneDNN, in bfloat16 or not, and hands
     # bfloat16 activations on.

@@ -11,7 +11,6 @@ there and calls its fallback for anything else.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,42 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from springfield.kernels.onednn.conv import _call, _dims_are_nhwc
+from springfield.kernels.onednn.conv import _conv, _dims_are_nhwc
 from springfield.kernels.onednn.conv import implementation as conv_implementation
-from springfield.kernels.onednn.library import available, bf16_supported, f32
-
-
-def _out_shape(x: jax.Array, k: int, geom: tuple) -> tuple[int, int, int, int]:
-    (s, _), ((pt, pb), (pl, pr)) = geom[:2]
-    n, h, w, c = x.shape
-    return n, (h + pt + pb - k) // s + 1, (w + pl + pr - k) // s + 1, c
-
-
-# geom = (strides, pads, bfloat16): bfloat16 inputs, output and input gradient.
-def _dw_fwd(x: jax.Array, w: jax.Array, geom: tuple) -> tuple[jax.Array, tuple]:
-    t = jnp.bfloat16 if geom[2] else np.float32
-    x_in, w_in = x.astype(t), w.astype(t)
-    out = jax.ShapeDtypeStruct(_out_shape(x, w.shape[0], geom), t)
-    y = _call("forward", out, x_in, w_in, geom=geom, depthwise=True)
-    # The empty array carries the primal input's type to the backward pass.
-    return y, (x_in, w_in, jnp.zeros(0, x.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dw(x: jax.Array, w: jax.Array, geom: tuple) -> jax.Array:
-    return _dw_fwd(x, w, geom)[0]
-
-
-def _dw_bwd(geom: tuple, res: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x_in, w_in, x_type = res
-    dy_in = dy.astype(x_in.dtype)
-    out = jax.ShapeDtypeStruct(x_in.shape, x_in.dtype)
-    dx = _call("input_grad", out, dy_in, w_in, geom=geom, depthwise=True)
-    dw = _call("weight_grad", f32(w_in.shape), x_in, dy_in, geom=geom, depthwise=True)
-    return dx.astype(x_type.dtype), dw
-
-
-_dw.defvjp(_dw_fwd, _dw_bwd)
+from springfield.kernels.onednn.library import available, bf16_supported
 
 
 def make_depthwise(
@@ -106,7 +72,10 @@ def make_depthwise(
             )  # fmt: skip
         k = rhs.shape[0]
         pads = tuple(tuple(p) for p in lax.padtype_to_pads(lhs.shape[1:3], (k, k), strides, "SAME"))
-        return _dw(lhs, rhs, (strides, pads, bf16 and lhs.dtype == jnp.bfloat16))
+        # conv.cc's convolution with one filter per channel; bfloat16 products and
+        # activations together, for a bfloat16 input.
+        bf = bf16 and lhs.dtype == jnp.bfloat16
+        return _conv(lhs, rhs, (strides, pads, bf, bf, True))
 
     depthwise.onednn = True  # type: ignore[attr-defined] - for tests and benchmarks
     return depthwise
