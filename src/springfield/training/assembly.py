@@ -111,19 +111,26 @@ def assemble(
     *,
     steps_per_epoch: int | None = None,
     schedule: optax.Schedule | None = None,
+    initial_weights: bool = True,
 ) -> Assembly:
     """A fresh model of ``cfg`` for ``data``'s classes, its optimizer, the initial state
     (replicated over ``mesh``) and the train and eval steps.
 
     The optimizer follows ``schedule``, by default the run's (:func:`run_schedule`, which
     needs ``steps_per_epoch``); a fine-tune's is built per layer group
-    (:func:`model_and_optimizer`), with a ``frozen_step`` for its ``--freeze-epochs``."""
+    (:func:`model_and_optimizer`), with a ``frozen_step`` for its ``--freeze-epochs``.
+    ``initial_weights=False`` skips reading ImageNet or ``--weights`` files, for a caller
+    that brings its own state."""
     if schedule is None:
         if steps_per_epoch is None:
             raise ValueError("assemble: give steps_per_epoch or a schedule")
         schedule = run_schedule(cfg, steps_per_epoch)
     model, tx, schedule, rates = model_and_optimizer(
-        cfg, len(data.classes), schedule, steps_per_epoch=steps_per_epoch
+        cfg,
+        len(data.classes),
+        schedule,
+        steps_per_epoch=steps_per_epoch,
+        initial_weights=initial_weights,
     )
     graphdef, state = init_state(model, tx)
     state = parallel.replicate(state, mesh)

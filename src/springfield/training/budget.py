@@ -5,8 +5,14 @@ bfloat16 instructions, load), so a fixed ``--epochs`` cannot promise "ten minute
 training, the run's own train and eval steps are compiled and timed on a real batch, on a
 copy of the initial state, and the epochs are set from what is left of the budget after
 start-up. The learning-rate schedule depends on the epochs, so the real steps are compiled
-once more with them (the measured compile time is counted for that). The choice is written
-into ``config.json``; resuming the run keeps it instead of measuring again.
+once more with them (the measured compile time is counted for that).
+
+The probe's few seconds do not predict minutes on a shared machine: on one 2-core VM its
+measure of the same step ranged over 545-1,166 ms between runs, and one run's epochs then
+went at 580-860 ms a step. So after each epoch the run re-fits its epochs to its own epoch
+times (:class:`Refit`): more epochs while it is in the first half of its schedule, fewer
+whenever the rest would overrun. The choice is written into ``config.json``; resuming the
+run keeps it instead of measuring again.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import jax
@@ -43,6 +49,9 @@ DRAIN = 10
 # the loop matched the probe.) The spread is the machine's: the same steps alone
 # (benchmarks/profile_step.py --step-times 30) had a slowest step 2.3x the median.
 MARGIN = 1.3
+# With the run's own epochs measured, the margin covers only their spread around the mean
+# (one run's epochs: 0.8-1.3x their mean; averaged over the epochs left, much less).
+REFIT_MARGIN = 1.1
 
 
 def parse_budget(text: str) -> float:
@@ -124,6 +133,60 @@ def measure(cfg: TrainConfig, data: RunData, mesh, steps_per_epoch: int) -> Meas
     return Measured(step_s, frozen_s, eval_passes * float(np.median(eval_times[1:])), compile_s)
 
 
+@dataclass
+class Refit:
+    """The budget's account while the run trains: after each epoch, :meth:`after_epoch`
+    gives the epochs that fit by the mean of the epochs measured so far."""
+
+    budget_s: float
+    started: float
+    """``time.perf_counter()`` when the budget began (the command's start)."""
+    compile_s: float
+    """What a change costs: the train steps compile again for the new schedule."""
+    unmeasured: int
+    """Epochs that do not tell the speed of the rest: frozen ones, ones at ``--early-size``."""
+    epoch_s: list[float] = field(default_factory=list)
+    changes: list[dict] = field(default_factory=list)
+    """Each change, for ``config.json``: after which epoch, from and to how many epochs."""
+
+    def after_epoch(self, epoch: int, epochs: int, epoch_s: float) -> int:
+        """The epochs to train now that ``epoch`` of ``epochs`` took ``epoch_s`` seconds
+        (train steps without compilation, evaluation, checkpoint)."""
+        if epoch > self.unmeasured:
+            self.epoch_s.append(epoch_s)
+        if not self.epoch_s:
+            return epochs
+        left = self.budget_s - (time.perf_counter() - self.started)
+        mean = float(np.mean(self.epoch_s))
+        new = refit_epochs(epochs, epoch, left, mean, self.compile_s)
+        if new != epochs:
+            self.changes.append(
+                {"after_epoch": epoch, "epochs": [epochs, new], "epoch_s": round(mean, 1)}
+            )
+        return new
+
+
+def refit_epochs(epochs: int, done: int, left_s: float, epoch_s: float, compile_s: float) -> int:
+    """How many epochs a run of ``epochs`` should train, ``done`` of them finished, with
+    ``left_s`` of its budget left and epochs of ``epoch_s`` seconds. A change costs
+    ``compile_s``; it is made only if the run would overrun, or if at least one more epoch
+    fits while the run is in its first half (later, a longer schedule would raise a learning
+    rate already annealed). At least one more epoch is trained."""
+    if done >= epochs:
+        return epochs
+
+    def fits(extra_s: float) -> int:
+        spare = left_s - extra_s - FINAL_OVERHEAD_S
+        return done + max(1, int(spare // (epoch_s * REFIT_MARGIN)))
+
+    if fits(0.0) == epochs:
+        return epochs
+    new = fits(compile_s)
+    if new > epochs and 2 * done > epochs:
+        return epochs
+    return new
+
+
 def fit_epochs(
     cfg: TrainConfig,
     data: RunData,
@@ -131,17 +194,18 @@ def fit_epochs(
     steps_per_epoch: int,
     started: float,
     console: Console | None,
-) -> TrainConfig:
+) -> tuple[TrainConfig, Refit | None]:
     """``cfg`` with ``epochs`` set so that the run ends within ``--time-budget`` of
-    ``started`` (a ``time.perf_counter()`` reading). A run folder that already chose keeps
-    its choice. At least one epoch (after a fine-tune's frozen ones) is trained even when
-    the budget is too small, with a warning."""
+    ``started`` (a ``time.perf_counter()`` reading), and the :class:`Refit` that adjusts
+    them as the run goes. A run folder that already chose keeps its choice (and gets no
+    Refit: its budget began in another process). At least one epoch (after a fine-tune's
+    frozen ones) is trained even when the budget is too small, with a warning."""
     budget = parse_budget(cfg.time_budget)
     record = cfg.workdir / "config.json"
     if record.exists():
         old = json.loads(record.read_text())
         if old.get("time_budget") == cfg.time_budget and old.get("epochs"):
-            return replace(cfg, epochs=int(old["epochs"]))
+            return replace(cfg, epochs=int(old["epochs"])), None
     from springfield.models import starts_pretrained
 
     frozen = cfg.freeze_epochs if starts_pretrained(cfg) and cfg.freeze_epochs > 0 else 0
@@ -161,7 +225,17 @@ def fit_epochs(
                 f"[yellow]--time-budget {cfg.time_budget} is too short for this run: "
                 f"{frozen + 1} epoch(s) take about {short:.0f} s more than it leaves.[/yellow]"
             )
-    return replace(cfg, epochs=epochs)
+    refit = Refit(budget, started, m.compile_s, max(frozen, cfg.early_epochs))
+    return replace(cfg, epochs=epochs), refit
+
+
+def steady_epoch_seconds(wall_s: float, train_s: float, first_s: float | None, steps: int) -> float:
+    """An epoch's seconds as the next epochs will take them: ``wall_s`` (its train steps,
+    evaluation and checkpoint), less its first step's compilation when that step ran
+    ``first_s`` of the ``train_s`` the steps took; the first step counts as an average one."""
+    if first_s is None or steps < 2:
+        return wall_s
+    return wall_s - first_s + (train_s - first_s) / (steps - 1)
 
 
 def epochs_that_fit(left_s: float, m: Measured, steps_per_epoch: int, frozen: int) -> int:

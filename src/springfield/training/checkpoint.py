@@ -70,12 +70,9 @@ def save(
         raise error from None
 
 
-def finish(manager: ocp.CheckpointManager) -> None:
-    """Wait for the save in flight to complete, then close ``manager``.
-
-    Call it on every way out of training: a process that exits with a save in flight loses
-    that checkpoint. A failed write becomes a :class:`SpringfieldError`.
-    """
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Wait for the save in flight to complete; a failed write becomes a
+    :class:`SpringfieldError`."""
     try:
         manager.wait_until_finished()
     except Exception as e:
@@ -83,6 +80,16 @@ def finish(manager: ocp.CheckpointManager) -> None:
         if error is e:
             raise
         raise error from None
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Wait for the save in flight to complete, then close ``manager``.
+
+    Call it on every way out of training: a process that exits with a save in flight loses
+    that checkpoint. A failed write becomes a :class:`SpringfieldError`.
+    """
+    try:
+        wait(manager)
     finally:
         with contextlib.suppress(Exception):  # already reported above
             manager.close()

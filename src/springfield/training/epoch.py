@@ -33,6 +33,10 @@ class EpochTiming:
     started_after: float | None = None
     """Seconds from the start of the command (or of the ``train()`` call) to the end of a
     fresh run's first step: imports, data preparation, compilation. First epoch only."""
+    block_first: bool = False
+    """Wait for the epoch's first step (it compiles) and time it into ``first_s``; always
+    done for a fresh run's first step."""
+    first_s: float | None = None
 
 
 def epoch_batches(setup: Setup, pos: Position, timing: EpochTiming) -> Iterator[Any]:
@@ -61,9 +65,11 @@ def after_step(
     cfg = setup.cfg
     epoch_end = (pos.step // setup.steps_per_epoch + 1) * setup.steps_per_epoch
     pos.sums.append(metrics)
-    if pos.step == 0:
-        jax.block_until_ready(metrics)  # once: what a user waits for before training starts
-        timing.started_after = time.perf_counter() - setup.started
+    if pos.step == 0 or (timing.block_first and pos.step == timing.first_step):
+        jax.block_until_ready(metrics)  # what a user waits for before training starts
+        timing.first_s = time.perf_counter() - timing.start
+        if pos.step == 0:
+            timing.started_after = time.perf_counter() - setup.started
     pos.step += 1
     step = pos.step
     save_now = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step != epoch_end

@@ -26,6 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from rich.console import Console
 
 from springfield import parallel
@@ -33,8 +35,8 @@ from springfield.config import TrainConfig, to_json
 from springfield.errors import Interrupted
 from springfield.models import count_params, model_spec
 from springfield.training import checkpoint, progress, resume, run_folder
-from springfield.training.assembly import assemble
-from springfield.training.budget import fit_epochs
+from springfield.training.assembly import Assembly, assemble
+from springfield.training.budget import Refit, fit_epochs, steady_epoch_seconds
 from springfield.training.checks import check_config, check_steps_per_epoch
 from springfield.training.epoch import (
     EpochTiming,
@@ -48,7 +50,7 @@ from springfield.training.epoch import (
 # Also importable from here, where they lived before the split.
 from springfield.training.evaluation import run_eval
 from springfield.training.final import finish
-from springfield.training.inputs import augmented_samples, load_data, train_iterator
+from springfield.training.inputs import RunData, augmented_samples, load_data, train_iterator
 from springfield.training.interrupts import stop_requests
 from springfield.training.lr_find import auto_lr
 from springfield.training.optim import lr_of_step, make_schedule  # noqa: F401 (re-export)
@@ -113,15 +115,15 @@ def train(
         # Data: folder -> index -> split -> decoded once.
         data = load_data(cfg, console if is_main else None)
         steps_per_epoch = check_steps_per_epoch(cfg, len(data.train.index))
-        if cfg.time_budget:  # the epochs that fit, from this machine's measured step time
-            cfg = fit_epochs(
+        refit = None  # with --time-budget: the epochs that fit, by this machine's speed
+        if cfg.time_budget:
+            cfg, refit = fit_epochs(
                 cfg, data, mesh, steps_per_epoch, started, console if is_main else None
             )
         total_steps = steps_per_epoch * cfg.epochs
 
         # Model, optimizer, steps (assembly.py); state replicated over the mesh.
         built = assemble(cfg, data, mesh, steps_per_epoch=steps_per_epoch)
-        state, train_step, eval_step = built.state, built.train_step, built.eval_step
         lr_at = lr_of_step(built.schedule)
         key = jax.random.key(cfg.seed)
         data_iter = train_iterator(
@@ -144,7 +146,7 @@ def train(
             is_main,
             started,
         )
-        pos = resume.start_or_resume(setup, state, console)
+        pos = resume.start_or_resume(setup, built.state, console)
         if is_main:
             run_folder.write_run_record(workdir, cfg, data.root, data.train, data.val, record)
             progress.print_header(setup, data, count_params(built.model), console)
@@ -171,27 +173,44 @@ def train(
                     epochs=cfg.epochs,
                     loss="-",
                 )
-                while pos.step < total_steps and not stop and not stopped_early(pos.history, cfg):
+                replanned = False
+                while (
+                    pos.step < setup.total_steps
+                    and not stop
+                    and not stopped_early(pos.history, cfg)
+                ):
                     bar.update(task, epoch=pos.step // steps_per_epoch + 1)
                     # A fine-tune trains its head alone first (assembly.py).
-                    step_fn = built.frozen_step if pos.step < built.frozen_steps else train_step
-                    timing = EpochTiming(pos.step)
+                    frozen = pos.step < built.frozen_steps
+                    step_fn = built.frozen_step if frozen else built.train_step
+                    timing = EpochTiming(pos.step, block_first=replanned)
                     for batch in epoch_batches(setup, pos, timing):
                         pos.state, m = step_fn(pos.state, batch, key)
                         if after_step(setup, pos, m, timing, stop, on_loss):
                             break
                     if pos.step % steps_per_epoch:  # stopped mid-epoch
                         break
-                    row = evaluate_epoch(setup, pos, eval_step, data, timing, lr_at(pos.step - 1))
+                    lr = lr_at(pos.step - 1)
+                    row = evaluate_epoch(setup, pos, built.eval_step, data, timing, lr)
                     end_epoch(setup, pos, row)
                     if is_main:
                         progress.log_epoch(writer, row, bar.console)
-            if stop and pos.step < total_steps:
+                    if refit is not None:  # --time-budget: the epochs by this run's own pace
+                        wall = time.perf_counter() - timing.start
+                        say = bar.console if is_main else None
+                        changed = replan(setup, data, refit, pos, timing, wall, record, say)
+                        replanned = changed is not None
+                        if changed is not None:
+                            setup, built = changed
+                            cfg = setup.cfg
+                            lr_at = lr_of_step(built.schedule)
+                            bar.update(task, total=setup.total_steps, epochs=cfg.epochs)
+            if stop and pos.step < setup.total_steps:
                 if pos.saved != pos.step:
                     resume.save(setup, pos, mid_epoch=True)
                 # The save completes in `finally` below, before the message reaches the user.
                 raise Interrupted(
-                    f"{stop.signal} at step {pos.step}/{total_steps}; a checkpoint of step "
+                    f"{stop.signal} at step {pos.step}/{setup.total_steps}; a checkpoint of step "
                     f"{pos.step} is saved in {workdir / 'checkpoints'}. To resume, run the same "
                     f"command again (same --workdir {workdir} and settings)."
                 )
@@ -203,7 +222,57 @@ def train(
             try:
                 checkpoint.finish(setup.manager)
             finally:
-                data_iter.close()
+                setup.data_iter.close()
 
-        finish(setup, pos, eval_step, data, writer, console)
+        finish(setup, pos, built.eval_step, data, writer, console)
         return workdir
+
+
+def replan(
+    setup: Setup,
+    data: RunData,
+    refit: Refit,
+    pos: resume.Position,
+    timing: EpochTiming,
+    wall: float,
+    record: dict | None,
+    console: Console | None,
+) -> tuple[Setup, Assembly] | None:
+    """After an epoch of a ``--time-budget`` run that took ``wall`` seconds: when
+    ``refit`` finds that another number of epochs fits, the run's setup and steps for it
+    (the schedule follows the epochs; the state carries over unchanged), else None. The
+    new epochs are written into ``config.json`` once the epoch's checkpoint is complete,
+    so a resumed run continues on the same schedule."""
+    cfg, steps = setup.cfg, setup.steps_per_epoch
+    epoch = pos.step // steps
+    epoch_s = steady_epoch_seconds(
+        wall, timing.seconds, timing.first_s, pos.step - timing.first_step
+    )
+    epochs = refit.after_epoch(epoch, cfg.epochs, epoch_s)
+    if jax.process_count() > 1:  # every process trains the same schedule: process 0's
+        epochs = int(multihost_utils.broadcast_one_to_all(np.int32(epochs)))
+    if epochs == cfg.epochs:
+        return None
+    new = replace(cfg, epochs=epochs)
+    built = assemble(new, data, setup.mesh, steps_per_epoch=steps, initial_weights=False)
+    # The same stream with more (or fewer) epochs, at the position the old one reached:
+    # grain shuffles each epoch by its seed and number, so the batches ahead are the same.
+    it = train_iterator(
+        new, data.train, parallel.local_batch_size(new.batch_size, setup.mesh), steps,
+        steps * epochs,
+    )  # fmt: skip
+    it.set_state(setup.data_iter.get_state())
+    setup.data_iter.close()
+    setup = replace(setup, cfg=new, data_iter=it)
+    checkpoint.wait(setup.manager)
+    if setup.is_main:
+        run_folder.write_run_record(
+            new.workdir, new, data.root, data.train, data.val,
+            {**(record or {}), "time_budget_changes": refit.changes},
+        )  # fmt: skip
+    if console is not None:
+        console.print(
+            f"--time-budget {new.time_budget}: {epochs} epochs instead of {cfg.epochs} "
+            f"(epochs here take about {np.mean(refit.epoch_s):.0f} s)."
+        )
+    return setup, built
