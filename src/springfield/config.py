@@ -47,7 +47,7 @@ class TrainConfig:
     """Fine-tuning, after the frozen epochs: discriminative learning rates, the earliest layers at --lr / lr_mult rising geometrically to --lr for the head (fastai's slice(lr/100, lr)). 1 = one rate for all."""
 
     time_budget: str | None = None
-    """Fit the whole run into this wall time, e.g. 10m, 600s, 1h30m: the epochs are set from the train and eval step times measured on this machine before training (printed, and recorded in config.json; --epochs is then ignored). Counts from the command's start, first decode and compilation included."""
+    """Fit the whole run into this wall time, e.g. 10m, 600s, 1h30m: the epochs are set from the train and eval step times measured on this machine before training, then re-fitted after each epoch to the run's own pace (more while the run is in its first half, fewer whenever the rest would overrun; each change printed and recorded in config.json; --epochs is then ignored). Counts from the command's start, first decode and compilation included. A resumed run keeps the epochs it had."""
 
     ensemble: int = 1
     """Train this many copies of the model side by side (own initial weights, same batches, each on its own loss) and predict with their average. Each copy costs a whole model's time: to keep the time, divide --epochs by it."""
