@@ -50,7 +50,7 @@ DRAIN = 10
 # (benchmarks/profile_step.py --step-times 30) had a slowest step 2.3x the median.
 MARGIN = 1.3
 # With the run's own epochs measured, the margin covers only their spread around the mean
-# (one run's epochs: 0.8-1.3x their mean; averaged over the epochs left, much less).
+# (six runs' epochs went at 0.64-1.24x their run's mean speed; over the epochs left, less).
 REFIT_MARGIN = 1.1
 
 
