@@ -195,7 +195,7 @@ def train(
                     end_epoch(setup, pos, row)
                     if is_main:
                         progress.log_epoch(writer, row, bar.console)
-                    if refit is not None:  # --time-budget: the epochs by this run's own pace
+                    if refit is not None and not stop:  # --time-budget: by the run's pace
                         wall = time.perf_counter() - timing.start
                         say = bar.console if is_main else None
                         changed = replan(setup, data, refit, pos, timing, wall, record, say)
