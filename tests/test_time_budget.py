@@ -107,9 +107,11 @@ def test_a_budget_sets_the_epochs_refits_them_and_a_resume_keeps_them(tiny_folde
     assert changes[-1]["epochs"][1] == epochs
     # The epochs recorded are the ones trained.
     assert [r["epoch"] for r in _rows(workdir)] == list(range(1, epochs + 1))
-    # The same command again finds the run complete: no new measurement, no other epochs.
+    # The same command again finds the run complete: no new measurement, no other epochs,
+    # the record of the changes kept.
     assert "--time-budget 40s:" not in run()
-    assert json.loads((workdir / "config.json").read_text())["epochs"] == epochs
+    again = json.loads((workdir / "config.json").read_text())
+    assert again["epochs"] == epochs and again["time_budget_changes"] == changes
 
 
 def test_a_budget_too_small_trains_one_epoch_and_says_so(tiny_folder, tmp_path, capsys):

@@ -201,11 +201,9 @@ def fit_epochs(
     Refit: its budget began in another process). At least one epoch (after a fine-tune's
     frozen ones) is trained even when the budget is too small, with a warning."""
     budget = parse_budget(cfg.time_budget)
-    record = cfg.workdir / "config.json"
-    if record.exists():
-        old = json.loads(record.read_text())
-        if old.get("time_budget") == cfg.time_budget and old.get("epochs"):
-            return replace(cfg, epochs=int(old["epochs"])), None
+    old = recorded(cfg)
+    if old is not None:
+        return replace(cfg, epochs=int(old["epochs"])), None
     from springfield.models import starts_pretrained
 
     frozen = cfg.freeze_epochs if starts_pretrained(cfg) and cfg.freeze_epochs > 0 else 0
@@ -227,6 +225,18 @@ def fit_epochs(
             )
     refit = Refit(budget, started, m.compile_s, max(frozen, cfg.early_epochs))
     return replace(cfg, epochs=epochs), refit
+
+
+def recorded(cfg: TrainConfig) -> dict | None:
+    """The run folder's ``config.json`` when it holds a budget's choice for ``cfg``'s
+    ``--time-budget`` (a resumed run), else None."""
+    record = cfg.workdir / "config.json"
+    if not record.exists():
+        return None
+    old = json.loads(record.read_text())
+    if old.get("time_budget") == cfg.time_budget and old.get("epochs"):
+        return old
+    return None
 
 
 def steady_epoch_seconds(wall_s: float, train_s: float, first_s: float | None, steps: int) -> float:

@@ -34,9 +34,9 @@ from springfield import parallel
 from springfield.config import TrainConfig, to_json
 from springfield.errors import Interrupted
 from springfield.models import count_params, model_spec
-from springfield.training import checkpoint, progress, resume, run_folder
+from springfield.training import budget, checkpoint, progress, resume, run_folder
 from springfield.training.assembly import Assembly, assemble
-from springfield.training.budget import Refit, fit_epochs, steady_epoch_seconds
+from springfield.training.budget import Refit, steady_epoch_seconds
 from springfield.training.checks import check_config, check_steps_per_epoch
 from springfield.training.epoch import (
     EpochTiming,
@@ -117,9 +117,12 @@ def train(
         steps_per_epoch = check_steps_per_epoch(cfg, len(data.train.index))
         refit = None  # with --time-budget: the epochs that fit, by this machine's speed
         if cfg.time_budget:
-            cfg, refit = fit_epochs(
+            kept = (budget.recorded(cfg) or {}).get("time_budget_changes")
+            cfg, refit = budget.fit_epochs(
                 cfg, data, mesh, steps_per_epoch, started, console if is_main else None
             )
+            if kept:  # a resumed run's config.json keeps the record of its changes
+                record = {**(record or {}), "time_budget_changes": kept}
         total_steps = steps_per_epoch * cfg.epochs
 
         # Model, optimizer, steps (assembly.py); state replicated over the mesh.
