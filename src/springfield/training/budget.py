@@ -148,10 +148,15 @@ class Refit:
     epoch_s: list[float] = field(default_factory=list)
     changes: list[dict] = field(default_factory=list)
     """Each change, for ``config.json``: after which epoch, from and to how many epochs."""
+    kept: bool = False
+    """A resumed run: its epochs were chosen in an earlier process (and its budget began
+    there), so they stay."""
 
     def after_epoch(self, epoch: int, epochs: int, epoch_s: float) -> int:
         """The epochs to train now that ``epoch`` of ``epochs`` took ``epoch_s`` seconds
         (train steps without compilation, evaluation, checkpoint)."""
+        if self.kept:
+            return epochs
         if epoch > self.unmeasured:
             self.epoch_s.append(epoch_s)
         if not self.epoch_s:
@@ -164,6 +169,12 @@ class Refit:
                 {"after_epoch": epoch, "epochs": [epochs, new], "epoch_s": round(mean, 1)}
             )
         return new
+
+    def record(self, extra: dict | None) -> dict | None:
+        """``config.json``'s extra keys ``extra`` with the changes made so far."""
+        if not self.changes:
+            return extra
+        return {**(extra or {}), "time_budget_changes": self.changes}
 
 
 def refit_epochs(epochs: int, done: int, left_s: float, epoch_s: float, compile_s: float) -> int:
@@ -194,16 +205,19 @@ def fit_epochs(
     steps_per_epoch: int,
     started: float,
     console: Console | None,
-) -> tuple[TrainConfig, Refit | None]:
+) -> tuple[TrainConfig, Refit]:
     """``cfg`` with ``epochs`` set so that the run ends within ``--time-budget`` of
     ``started`` (a ``time.perf_counter()`` reading), and the :class:`Refit` that adjusts
-    them as the run goes. A run folder that already chose keeps its choice (and gets no
-    Refit: its budget began in another process). At least one epoch (after a fine-tune's
-    frozen ones) is trained even when the budget is too small, with a warning."""
+    them as the run goes. A run folder that already chose keeps its choice and the record
+    of its changes (a :class:`Refit` that changes nothing). At least one epoch (after a
+    fine-tune's frozen ones) is trained even when the budget is too small, with a warning."""
     budget = parse_budget(cfg.time_budget)
-    old = recorded(cfg)
+    old = _recorded(cfg)
     if old is not None:
-        return replace(cfg, epochs=int(old["epochs"])), None
+        changes = old.get("time_budget_changes", [])
+        return replace(cfg, epochs=int(old["epochs"])), Refit(
+            budget, started, 0.0, 0, changes=changes, kept=True
+        )
     from springfield.models import starts_pretrained
 
     frozen = cfg.freeze_epochs if starts_pretrained(cfg) and cfg.freeze_epochs > 0 else 0
@@ -227,7 +241,7 @@ def fit_epochs(
     return replace(cfg, epochs=epochs), refit
 
 
-def recorded(cfg: TrainConfig) -> dict | None:
+def _recorded(cfg: TrainConfig) -> dict | None:
     """The run folder's ``config.json`` when it holds a budget's choice for ``cfg``'s
     ``--time-budget`` (a resumed run), else None."""
     record = cfg.workdir / "config.json"

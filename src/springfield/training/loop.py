@@ -117,12 +117,10 @@ def train(
         steps_per_epoch = check_steps_per_epoch(cfg, len(data.train.index))
         refit = None  # with --time-budget: the epochs that fit, by this machine's speed
         if cfg.time_budget:
-            kept = (budget.recorded(cfg) or {}).get("time_budget_changes")
             cfg, refit = budget.fit_epochs(
                 cfg, data, mesh, steps_per_epoch, started, console if is_main else None
             )
-            if kept:  # a resumed run's config.json keeps the record of its changes
-                record = {**(record or {}), "time_budget_changes": kept}
+            record = refit.record(record)  # a resumed run's changes stay in config.json
         total_steps = steps_per_epoch * cfg.epochs
 
         # Model, optimizer, steps (assembly.py); state replicated over the mesh.
@@ -269,10 +267,7 @@ def replan(
     setup = replace(setup, cfg=new, data_iter=it)
     checkpoint.wait(setup.manager)
     if setup.is_main:
-        run_folder.write_run_record(
-            new.workdir, new, data.root, data.train, data.val,
-            {**(record or {}), "time_budget_changes": refit.changes},
-        )  # fmt: skip
+        run_folder.write_config(new.workdir, new, refit.record(record))
     if console is not None:
         console.print(
             f"--time-budget {new.time_budget}: {epochs} epochs instead of {cfg.epochs} "

@@ -151,8 +151,13 @@ def truncate_metrics(workdir: Path, last_epoch: int) -> None:
 def write_run_record(
     workdir: Path, cfg: TrainConfig, root: Path, train: Split, val: Split, extra: dict | None = None
 ) -> None:
-    """``config.json`` (``cfg``, plus ``extra`` keys such as the LR finder's record),
-    ``classes.json``, ``dataset.json`` and ``skipped.txt``."""
-    save_json({**to_json(cfg), **(extra or {})}, workdir / "config.json")
+    """``config.json`` (:func:`write_config`), ``classes.json``, ``dataset.json`` and
+    ``skipped.txt``."""
+    write_config(workdir, cfg, extra)
     save_json(list(train.index.classes), workdir / "classes.json")
     write_dataset_record(workdir, root, train, val)
+
+
+def write_config(workdir: Path, cfg: TrainConfig, extra: dict | None = None) -> None:
+    """``config.json``: ``cfg``, plus ``extra`` keys such as the LR finder's record."""
+    save_json({**to_json(cfg), **(extra or {})}, workdir / "config.json")

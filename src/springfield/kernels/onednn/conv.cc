@@ -106,7 +106,7 @@ ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w,
 ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
                                ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
                                int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                            int64_t depthwise) {
+                               int64_t depthwise) {
   if (!Supported(x.element_type(), dy.element_type())) return Unsupported();
   return Guard([&] {
     auto p = GetPlan(MakeKey(x.dimensions(), dw->dimensions(), dy.dimensions(), sh,

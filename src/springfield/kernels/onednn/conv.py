@@ -290,10 +290,10 @@ def implementation(
     strides: tuple,
     padding: str = "SAME",
     bfloat16: bool = False,
-    extra_kind: int = 0,
+    depthwise: bool = False,
 ) -> str:
     """oneDNN's implementation names (forward / input grad / weight grad) for one geometry
-    (``extra_kind`` 4: depthwise, ``w_shape`` ``(k, k, 1, C)``)."""
+    (``depthwise``: one filter per channel, ``w_shape`` ``(k, k, 1, C)``)."""
     lib, why = load()
     if lib is None:
         return f"XLA ({why})"
@@ -305,6 +305,9 @@ def implementation(
     (pt, pb), (pl, pr) = pads
     n, h, w, c = x_shape
     kh, kw, _, o = w_shape
-    types = (2 if extra_kind else 1) if bfloat16 else 0
-    args = (n, h, w, c, kh, kw, o, oh, ow, *strides, pt, pb, pl, pr, types | extra_kind)
+    # conv.cc's Key types: a depthwise layer in bfloat16 also hands bfloat16 activations on;
+    # 4 marks a depthwise convolution.
+    types = (2 if depthwise else 1) if bfloat16 else 0
+    kind = types | (4 if depthwise else 0)
+    args = (n, h, w, c, kh, kw, o, oh, ow, *strides, pt, pb, pl, pr, kind)
     return lib.springfield_conv_impl(*(ctypes.c_int64(a) for a in args)).decode()

@@ -84,8 +84,7 @@ def make_depthwise(
 def implementation(x_shape: tuple, k: int, stride: int, bfloat16: bool = False) -> str:
     """oneDNN's implementation names (forward / input grad / weight grad) for a depthwise
     geometry."""
-    c = x_shape[-1]
-    # A Key's types plus 4: depthwise (conv.cc).
+    w_shape = (k, k, 1, x_shape[-1])
     return conv_implementation(
-        x_shape, (k, k, 1, c), (stride, stride), "SAME", bfloat16=bfloat16, extra_kind=4
+        x_shape, w_shape, (stride, stride), "SAME", bfloat16=bfloat16, depthwise=True
     )
