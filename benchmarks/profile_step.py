@@ -34,6 +34,8 @@ dense layers too (oneDNN). Each path's options are set with ``springfield.kernel
     python benchmarks/profile_step.py --model refcnn --image-size 64 64 --compare-dense
     python benchmarks/profile_step.py --model efficientnet-lite0 --image-size 160 160 \
         --compare-depthwise --rounds 3
+    python benchmarks/profile_step.py --model efficientnet-lite0 --image-size 160 160 \
+        --compare-lite --rounds 10
 """
 
 from __future__ import annotations
@@ -262,6 +264,12 @@ def main() -> None:
         help="time BatchNorm in XLA vs oneDNN, float32 and bfloat16 (products, activations)",
     )
     p.add_argument(
+        "--compare-lite",
+        action="store_true",
+        help="time EfficientNet-Lite's 5x5 depthwise weight gradients (oneDNN's vs "
+        "springfield's) and BatchNorm + ReLU6 (oneDNN + XLA vs one call), float32 and bfloat16",
+    )
+    p.add_argument(
         "--compare-adam",
         action="store_true",
         help="time optax's Adam vs the fused one-pass kernel, float32 and bfloat16",
@@ -274,7 +282,8 @@ def main() -> None:
     p.add_argument(
         "--compare-depthwise",
         action="store_true",
-        help="time depthwise layers as XLA shifted sums vs oneDNN, float32 and bfloat16",
+        help="time depthwise layers as XLA shifted sums vs oneDNN (its own weight gradients "
+        "or springfield's), float32 and bfloat16",
     )
     p.add_argument("--conv-layers", action="store_true", help="time each convolution alone")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare-*")
@@ -320,6 +329,18 @@ def main() -> None:
             "oneDNN BatchNorm, bf16 products and activations": ({}, "bfloat16"),
         })  # fmt: skip
         return
+    if args.compare_lite:
+        before = {"own_depthwise_grad": False, "fuse_relu6": False}
+        grads = {"fuse_relu6": False}
+        compare(args, size, label, "EfficientNet-Lite kernels", {
+            "oneDNN 5x5 depthwise weight grads, XLA ReLU6, float32": (before, "float32"),
+            "own 5x5 depthwise weight grads, float32": (grads, "float32"),
+            "own weight grads + BatchNorm-ReLU6 in one call, float32": ({}, "float32"),
+            "oneDNN 5x5 depthwise weight grads, XLA ReLU6, bfloat16": (before, "bfloat16"),
+            "own 5x5 depthwise weight grads, bfloat16": (grads, "bfloat16"),
+            "own weight grads + BatchNorm-ReLU6 in one call, bfloat16": ({}, "bfloat16"),
+        })  # fmt: skip
+        return
     if args.compare_adam:
         optax_adam = {"fused_adam": False}
         compare(args, size, label, "Adam", {
@@ -330,12 +351,14 @@ def main() -> None:
         })  # fmt: skip
         return
     if args.compare_depthwise:
-        sums = {"onednn_depthwise": False}
+        sums, dnnl_grad = {"onednn_depthwise": False}, {"own_depthwise_grad": False}
         compare(args, size, label, "depthwise", {
             "XLA shifted sums, float32": (sums, "float32"),
-            "oneDNN depthwise, float32": ({}, "float32"),
+            "oneDNN depthwise, float32": (dnnl_grad, "float32"),
+            "oneDNN depthwise + own weight grads, float32": ({}, "float32"),
             "XLA shifted sums, bfloat16": (sums, "bfloat16"),
-            "oneDNN depthwise, bfloat16": ({}, "bfloat16"),
+            "oneDNN depthwise, bfloat16": (dnnl_grad, "bfloat16"),
+            "oneDNN depthwise + own weight grads, bfloat16": ({}, "bfloat16"),
         })  # fmt: skip
         return
     if args.compare_dense:

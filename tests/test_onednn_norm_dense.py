@@ -18,18 +18,21 @@ from springfield.kernels import onednn, xla
 from springfield.models import build_model
 
 
-@pytest.mark.parametrize("act", [None, jax.nn.relu, jax.nn.gelu])
+@pytest.mark.parametrize("act", [None, jax.nn.relu, jax.nn.relu6, jax.nn.gelu])
 def test_batch_norm_matches_flax_in_training(act):
-    # oneDNN's training BatchNorm (+ ReLU): the output, the gradients of the input, scale and
-    # bias, and the running averages equal nnx.BatchNorm's (then the activation).
+    # oneDNN's training BatchNorm (+ ReLU; + ReLU6 in norm.cc's own loops): the output, the
+    # gradients of the input, scale and bias, and the running averages equal nnx.BatchNorm's
+    # (then the activation). 20 channels: a whole vector of 16 and a part of one.
     k1, k2 = jax.random.split(jax.random.key(8))
-    x = 1.0 + 2.0 * jax.random.normal(k1, (6, 5, 7, 16))
+    x = 1.0 + 2.0 * jax.random.normal(k1, (6, 5, 7, 20))
     probe = jax.random.normal(k2, x.shape)
+    # Scales up to 6 put a part of ReLU6's inputs above 6, another below 0.
+    top = 6.0 if act is jax.nn.relu6 else 1.5
     out = {}
     for name, norm in (("xla", xla.norm), ("onednn", kernels.norm())):
-        bn = nnx.BatchNorm(16, momentum=0.9, rngs=nnx.Rngs(0))
-        bn.scale[...] = jnp.linspace(0.5, 1.5, 16)
-        bn.bias[...] = jnp.linspace(-0.3, 0.3, 16)
+        bn = nnx.BatchNorm(20, momentum=0.9, rngs=nnx.Rngs(0))
+        bn.scale[...] = jnp.linspace(0.5, top, 20)
+        bn.bias[...] = jnp.linspace(-0.3, 0.3, 20)
 
         def loss(bn, x, norm=norm):
             return jnp.sum(norm(bn, x, train=True, act=act) * probe)
@@ -42,6 +45,33 @@ def test_batch_norm_matches_flax_in_training(act):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(a))))
     # The running averages moved from their initial zeros and ones.
     assert float(jnp.max(jnp.abs(out["onednn"][4]))) > 0.05
+    if act is jax.nn.relu6:  # both ends of the clamp were reached
+        y = xla.norm(bn, x, train=True)
+        assert float(jnp.mean(y > 6)) > 0.02 and float(jnp.mean(y < 0)) > 0.2
+
+
+def test_batch_norm_relu6_in_bfloat16_is_near_float32():
+    # bfloat16 activations in and out of norm.cc's BatchNorm + ReLU6 loops (float32 inside).
+    if not onednn.available():
+        pytest.skip(f"oneDNN cannot run here: {onednn.status()}")
+    k1, k2 = jax.random.split(jax.random.key(12))
+    x = (1.0 + 2.0 * jax.random.normal(k1, (4, 6, 6, 40))).astype(jnp.bfloat16)
+    probe = jax.random.normal(k2, x.shape)
+    out = {}
+    for name, norm, xin in (("xla", xla.norm, x.astype(jnp.float32)),
+                            ("ours", kernels.norm(), x)):  # fmt: skip
+        bn = nnx.BatchNorm(40, momentum=0.9, rngs=nnx.Rngs(0))
+        bn.scale[...] = jnp.linspace(0.5, 6.0, 40)
+
+        def loss(bn, x, norm=norm):
+            y = norm(bn, x, train=True, act=jax.nn.relu6)
+            return jnp.sum(y.astype(jnp.float32) * probe), y
+
+        (_, y), g_bn = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(bn, xin)
+        out[name] = (y.astype(jnp.float32), g_bn.scale[...], g_bn.bias[...])
+    assert out["ours"][0].dtype == jnp.float32
+    for a, b in zip(out["xla"], out["ours"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(a))))
 
 
 def test_resnet_uses_onednn_batch_norm_only_in_training_and_trains_the_same():

@@ -91,14 +91,16 @@ def test_lite0_logits_equal_the_pytorch_reference(kernels):
     assert np.abs(expected).max() > 1  # real ImageNet logits, not near-zero noise
 
 
+# Channels in whole and partial blocks of 16 (the AVX-512 weight-gradient loop's).
 DEPTHWISE = [((2, 9, 9, 8), 3, 2), ((2, 10, 11, 8), 5, 2), ((2, 7, 7, 8), 5, 1),
-             ((3, 8, 8, 16), 3, 1)]  # fmt: skip
+             ((3, 8, 8, 16), 3, 1), ((5, 6, 7, 40), 5, 1), ((3, 9, 8, 40), 3, 2)]  # fmt: skip
 
 
 def _depthwise_impls() -> list:
     impls = [pytest.param(depthwise_conv, id="shifted-sums")]
     if IS_LINUX_X86:
         impls.append(pytest.param("onednn", id="onednn"))
+        impls.append(pytest.param("onednn-grad", id="onednn-weight-grad"))
     return impls
 
 
@@ -121,8 +123,9 @@ def _as_nnx_calls(fn, s, c):
 @pytest.mark.parametrize("impl", _depthwise_impls())
 @pytest.mark.parametrize("shape,k,s", DEPTHWISE)
 def test_depthwise_convolution_and_gradients_equal_xlas(impl, shape, k, s):
-    if impl == "onednn":
-        impl = onednn.make_depthwise(_unused_fallback)
+    if impl in ("onednn", "onednn-grad"):
+        # "onednn": the weight gradient in conv.cc's own loop where the CPU has AVX-512.
+        impl = onednn.make_depthwise(_unused_fallback, own_weight_grad=impl == "onednn")
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal((k, k, 1, shape[-1])), jnp.float32)

@@ -8,6 +8,7 @@ for the layers is when a model is built: the model keeps what was chosen then.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -119,15 +120,20 @@ def norm() -> Any:
     act=None) -> act(bn(x))``; oneDNN's where the model's convolutions run there, else
     XLA's (:func:`springfield.kernels.xla.norm`)."""
     sel = selected()
-    return _onednn_norm if sel.options.fuse_norm and onednn_runs(sel) else xla.norm
+    if not (sel.options.fuse_norm and onednn_runs(sel)):
+        return xla.norm
+    return functools.partial(_onednn_norm, fuse_relu6=sel.options.fuse_relu6)
 
 
-def _onednn_norm(bn: nnx.BatchNorm, x: jax.Array, *, train: bool, act: Any = None) -> jax.Array:
-    """:func:`springfield.kernels.xla.norm` with training-mode BatchNorm (and ReLU, when
-    ``act`` is ReLU) in one oneDNN call each way: XLA makes five to seven passes over the
-    activations for them. The running averages are updated as ``nnx.BatchNorm`` does.
-    Evaluation runs in oneDNN for bfloat16 activations (XLA:CPU's bfloat16 passes are slow);
-    float32 evaluation, and whatever oneDNN cannot run, stays XLA's."""
+def _onednn_norm(
+    bn: nnx.BatchNorm, x: jax.Array, *, train: bool, act: Any = None, fuse_relu6: bool = True
+) -> jax.Array:
+    """:func:`springfield.kernels.xla.norm` with training-mode BatchNorm (and ReLU or ReLU6,
+    when ``act`` is ``jax.nn.relu`` or ``jax.nn.relu6``) in one call each way: XLA makes
+    five to seven passes over the activations for them. The running averages are updated
+    as ``nnx.BatchNorm`` does. Evaluation runs in oneDNN for bfloat16 activations (XLA:CPU's
+    bfloat16 passes are slow; ReLU6 then applied by XLA); float32 evaluation, and whatever
+    oneDNN cannot run, stays XLA's."""
     plain = (
         bn.axis in (-1, x.ndim - 1)
         and bn.use_scale
@@ -135,13 +141,13 @@ def _onednn_norm(bn: nnx.BatchNorm, x: jax.Array, *, train: bool, act: Any = Non
         and bn.axis_name is None
         and bn.dtype in (None, x.dtype)
     )
-    relu = act is jax.nn.relu
+    relu, relu6 = act is jax.nn.relu, act is jax.nn.relu6 and fuse_relu6
     scale, bias = bn.scale[...], bn.bias[...]
     y = None
     if plain and not train:
         y = onednn.batch_norm_infer(x, scale, bias, bn.mean[...], bn.var[...], bn.epsilon, relu)
     elif plain:
-        out = onednn.batch_norm(x, scale, bias, bn.epsilon, relu=relu)
+        out = onednn.batch_norm(x, scale, bias, bn.epsilon, relu=relu, relu6=relu6)
         if out is not None:
             y, mean, var = out
             m = bn.momentum
@@ -149,7 +155,7 @@ def _onednn_norm(bn: nnx.BatchNorm, x: jax.Array, *, train: bool, act: Any = Non
             bn.var[...] = m * bn.var[...] + (1 - m) * var
     if y is None:
         return xla.norm(bn, x, train=train, act=act)
-    return y if relu or act is None else act(y)
+    return y if relu or (relu6 and train) or act is None else act(y)
 
 
 def dense_dot() -> Any:
@@ -178,6 +184,7 @@ def depthwise_conv() -> Any:
     return onednn.make_depthwise(
         _depthwise_conv,
         bfloat16=sel.precision == "bfloat16" and sel.options.bf16_activations,
+        own_weight_grad=sel.options.own_depthwise_grad,
     )
 
 

@@ -26,6 +26,9 @@ class KernelOptions:
     call each way (else a oneDNN convolution and XLA for the rest)."""
     fuse_norm: bool = True
     """BatchNorm (+ ReLU) in oneDNN (else XLA's, around oneDNN's convolutions)."""
+    fuse_relu6: bool = True
+    """With ``fuse_norm``, ReLU6 (EfficientNet-Lite's) in the same call as the BatchNorm
+    before it (``norm.cc``'s own loops; else oneDNN's BatchNorm and XLA's ReLU6)."""
     bf16_activations: bool = True
     """Under ``--precision bfloat16``, bfloat16 activations between oneDNN's layers (else
     float32 ones, with bfloat16 products only)."""
@@ -36,6 +39,9 @@ class KernelOptions:
     onednn_depthwise: bool = True
     """Depthwise convolutions (EfficientNet-Lite) in oneDNN's depthwise kernels (else XLA's
     shifted sums, :mod:`springfield.kernels.depthwise`)."""
+    own_depthwise_grad: bool = True
+    """The depthwise layers' 5x5 weight gradients in springfield's own AVX-512 loop
+    (``conv.cc``; else oneDNN's generic kernel: it has no depthwise one for them)."""
     fused_adam: bool = True
     """Adam and AdamW as one in-place kernel pass, with optax's numbers bit for bit."""
     block_chunk_kb: int = 4096

@@ -54,7 +54,7 @@ def _attrs(strides: tuple[int, int], pads: tuple) -> dict[str, np.int64]:
     }
 
 
-def _call(target: str, out: Any, *args: jax.Array, geom: tuple, depthwise: bool = False) -> Any:
+def _call(target: str, out: Any, *args: jax.Array, geom: tuple, depthwise: int = 0) -> Any:
     """A convolution kernel (``conv.cc``): :func:`~.library.ffi` with ``geom``'s strides and
     padding; ``depthwise``: one filter per channel, weights ``(k, k, 1, C)``."""
     return ffi(target, out, *args, **_attrs(*geom[:2]), depthwise=np.int64(depthwise))

@@ -25,15 +25,17 @@ from springfield.kernels.onednn.library import available, bf16_supported
 
 
 def make_depthwise(
-    fallback: Callable[..., jax.Array], bfloat16: bool = False
+    fallback: Callable[..., jax.Array], bfloat16: bool = False, own_weight_grad: bool = True
 ) -> Callable[..., jax.Array]:
     """A drop-in for ``fallback`` (``lax.conv_general_dilated``'s signature as ``nnx.Conv``
     calls it, for a depthwise layer: ``rhs`` of shape ``(k, k, 1, C)`` and
     ``feature_group_count == C``) that runs on oneDNN: float32 throughout, or with
     ``bfloat16`` (on a CPU with bfloat16 instructions) a bfloat16 input in bfloat16 (output
     and input gradient too; the weights' gradient is float32). A float32 input under
-    ``bfloat16`` stays float32. Anything else (not "SAME", unequal strides or kernel sides,
-    dilation, another layout) goes to ``fallback``."""
+    ``bfloat16`` stays float32. With ``own_weight_grad`` the 5x5 weight gradients run in
+    springfield's own loop on a CPU with AVX-512 (``conv.cc``: oneDNN has no depthwise
+    kernel for them), else in oneDNN. Anything else (not "SAME", unequal strides or kernel
+    sides, dilation, another layout) goes to ``fallback``."""
     if not available():
         return fallback
     bf16 = bfloat16 and bf16_supported()
@@ -75,7 +77,8 @@ def make_depthwise(
         # conv.cc's convolution with one filter per channel; bfloat16 products and
         # activations together, for a bfloat16 input.
         bf = bf16 and lhs.dtype == jnp.bfloat16
-        return _conv(lhs, rhs, (strides, pads, bf, bf, True))
+        # geom[4], conv.cc's `depthwise`: 2 asks for its own weight-gradient loop.
+        return _conv(lhs, rhs, (strides, pads, bf, bf, 2 if own_weight_grad else 1))
 
     depthwise.onednn = True  # type: ignore[attr-defined] - for tests and benchmarks
     return depthwise

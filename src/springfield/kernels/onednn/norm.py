@@ -16,6 +16,9 @@ from jax import lax
 
 from springfield.kernels.onednn.library import available, f32, ffi, load
 
+# cfg = (epsilon, activation, mask bytes); norm.cc's `relu`: 0 none, 1 ReLU, 2 ReLU6.
+RELU, RELU6 = 1, 2
+
 
 def _bn_call(target: str, out: Any, *args: jax.Array, cfg: tuple) -> Any:
     eps, relu = cfg[:2]
@@ -28,7 +31,7 @@ def _bn_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, cfg: tuple) -> tupl
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels,
            jax.ShapeDtypeStruct((cfg[2],), np.uint8))  # fmt: skip
     y, mean, var, mask = _bn_call("bn_forward", out, x, scale, bias, cfg=cfg)
-    return (y, mean, var), (x, mean, var, scale, mask)
+    return (y, mean, var), (x, mean, var, scale, bias, mask)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -39,10 +42,11 @@ def _bn(x: jax.Array, scale: jax.Array, bias: jax.Array, cfg: tuple) -> tuple:
 def _bn_bwd(cfg: tuple, res: tuple, cotangents: tuple) -> tuple[jax.Array, ...]:
     # The batch statistics are outputs for the running averages only: their cotangents
     # are zero wherever batch_norm is used (it stops their gradients).
-    x, mean, var, scale, mask = res
+    # (The shift is read for ReLU6's mask only.)
+    x, mean, var, scale, bias, mask = res
     dy = cotangents[0]
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype), f32(scale.shape), f32(scale.shape))
-    return tuple(_bn_call("bn_backward", out, x, dy, mean, var, scale, mask, cfg=cfg))
+    return tuple(_bn_call("bn_backward", out, x, dy, mean, var, scale, bias, mask, cfg=cfg))
 
 
 _bn.defvjp(_bn_fwd, _bn_bwd)
@@ -61,17 +65,27 @@ def _bn_runs(x: jax.Array, *channels: jax.Array, types: tuple = (np.float32,)) -
 
 
 def batch_norm(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool = False
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    epsilon: float,
+    relu: bool = False,
+    relu6: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-    """Training-mode BatchNorm over all axes but the last, then ReLU if ``relu``, as one
-    oneDNN call each way: ``(y, batch mean, batch variance)``, the variance biased (divided
-    by the count, as flax's), the statistics without gradients. ``None`` where that cannot
-    run here: oneDNN not :func:`available`, or not a float32 or bfloat16 NHWC array (``y``
-    has its type; the statistics, ``scale`` and ``bias`` are float32). Same maths as
-    ``nnx.BatchNorm`` (+ ReLU) up to summation order (and, for bfloat16, the rounding of
-    ``y``), in fewer passes than XLA makes (docs/performance.md)."""
+    """Training-mode BatchNorm over all axes but the last, then ReLU if ``relu`` (or ReLU6,
+    ``min(max(y, 0), 6)``, if ``relu6``), as one call each way: ``(y, batch mean, batch
+    variance)``, the variance biased (divided by the count, as flax's), the statistics
+    without gradients. ``None`` where that cannot run here: oneDNN not :func:`available`,
+    or not a float32 or bfloat16 NHWC array (``y`` has its type; the statistics, ``scale``
+    and ``bias`` are float32). Same maths as ``nnx.BatchNorm`` (+ ``jax.nn.relu`` /
+    ``jax.nn.relu6``) up to summation order (and, for bfloat16, the rounding of ``y``), in
+    fewer passes than XLA makes (docs/performance.md). oneDNN runs the BatchNorm and ReLU;
+    with ReLU6, which oneDNN cannot fuse, ``norm.cc``'s own loops run it."""
     if not _bn_runs(x, scale, bias, types=(np.float32, jnp.bfloat16)):
         return None
+    if relu6:
+        y, mean, var = _bn(x, scale, bias, (float(epsilon), RELU6, 0))
+        return y, lax.stop_gradient(mean), lax.stop_gradient(var)
     mask_bytes = 0
     if relu:
         n, h, w, c = x.shape
@@ -79,7 +93,7 @@ def batch_norm(
         mask_bytes = load()[0].springfield_bn_workspace_bytes(n, h, w, c, bf16, 1, epsilon)
         if mask_bytes < 0:  # oneDNN has no such BatchNorm here
             return None
-    y, mean, var = _bn(x, scale, bias, (float(epsilon), bool(relu), mask_bytes))
+    y, mean, var = _bn(x, scale, bias, (float(epsilon), RELU if relu else 0, mask_bytes))
     return y, lax.stop_gradient(mean), lax.stop_gradient(var)
 
 
