@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -172,11 +173,13 @@ def test_bfloat16_refcnn_hands_bfloat16_between_its_fused_blocks():
     assert len(infers) == 3 and all(o.endswith("xbf16>") for o in infers), infers
 
 
-def test_fused_block_passes_without_avx512_give_the_same_results():
-    # The pooling passes have AVX-512 and portable versions; a CPU without AVX-512 runs the
-    # latter. The block's tests again, in a process that keeps to the portable ones.
+def test_kernels_without_avx512_give_the_same_results():
+    # The pooling passes and BatchNorm + ReLU6 have AVX-512 and portable versions, and the
+    # 5x5 depthwise weight gradients go to oneDNN without AVX-512: a CPU without it runs the
+    # others. Their tests again, in a process that keeps to those.
     if not onednn.available():
         pytest.skip("oneDNN cannot run here")
+    here = Path(__file__).parent
     tests = [
         f"{__file__}::{name}"
         for name in (
@@ -184,6 +187,10 @@ def test_fused_block_passes_without_avx512_give_the_same_results():
             "test_fused_block_hands_bfloat16_activations_on",
             "test_first_block_without_input_gradient_in_chunks_of_one_image",
         )
+    ] + [
+        f"{here / 'test_onednn_norm_dense.py'}::test_batch_norm_matches_flax_in_training",
+        f"{here / 'test_onednn_norm_dense.py'}::test_batch_norm_relu6_in_bfloat16_is_near_float32",
+        f"{here / 'test_pretrained.py'}::test_depthwise_convolution_and_gradients_equal_xlas",
     ]
     env = {**os.environ, "SPRINGFIELD_KERNELS_AVX512": "0"}
     out = subprocess.run(

@@ -91,9 +91,11 @@ def test_lite0_logits_equal_the_pytorch_reference(kernels):
     assert np.abs(expected).max() > 1  # real ImageNet logits, not near-zero noise
 
 
-# Channels in whole and partial blocks of 16 (the AVX-512 weight-gradient loop's).
+# Channels in whole and partial blocks of 16 (the 5x5 weight-gradient loop's); inputs
+# smaller than the filter, where every output column is an edge.
 DEPTHWISE = [((2, 9, 9, 8), 3, 2), ((2, 10, 11, 8), 5, 2), ((2, 7, 7, 8), 5, 1),
-             ((3, 8, 8, 16), 3, 1), ((5, 6, 7, 40), 5, 1), ((3, 9, 8, 40), 3, 2)]  # fmt: skip
+             ((3, 8, 8, 16), 3, 1), ((5, 6, 7, 40), 5, 1), ((3, 9, 8, 40), 3, 2),
+             ((2, 3, 2, 24), 5, 2), ((3, 1, 1, 16), 5, 1)]  # fmt: skip
 
 
 def _depthwise_impls() -> list:

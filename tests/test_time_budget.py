@@ -17,6 +17,7 @@ from springfield.training.budget import (
     MARGIN,
     REFIT_MARGIN,
     Measured,
+    Refit,
     epochs_that_fit,
     parse_budget,
     refit_epochs,
@@ -70,6 +71,27 @@ def test_a_run_refits_its_epochs_to_its_own_pace():
     assert refit_epochs(10, 8, 10.0, 30.0, compile_s=10) == 9
     # A finished run stays finished.
     assert refit_epochs(10, 10, 0.0, 30.0, compile_s=10) == 10
+
+
+def test_a_refit_learns_what_a_change_costs_and_never_grows_after_shrinking():
+    # The flip-flop a wandering machine caused (13, 12, 13, 12, ... epochs, 4 s past the
+    # budget): a change costs what it measured, and a run that shrank does not grow again.
+    r = Refit(budget_s=600.0, started=0.0, compile_s=8.0, unmeasured=0)
+    # Epoch 1 of 15 took 40 s and ended 140 s in: 460 s left fit 1 + 9 epochs of 44 s
+    # after a recompilation and the final evaluation.
+    assert r.after_epoch(1, 15, 40.0, now=140.0) == 10
+    # Epoch 2 ran at 30 s but took 55 s of wall time: the change cost 25 s. At the faster
+    # pace one more epoch would fit, but the run has shrunk once: it keeps 10.
+    assert r.after_epoch(2, 10, 30.0, now=195.0) == 10
+    assert r.change_costs == [25.0] and r.change_s() == 25.0
+    assert [c["epochs"] for c in r.changes] == [[15, 10]]
+    # Without the shrink, the same pace grows the plan (first half of the schedule).
+    assert refit_epochs(10, 2, 405.0, 35.0, compile_s=25.0) == 11
+    # The pace is the slower of the mean and the last two epochs'.
+    r.epoch_s = [30.0, 50.0, 20.0]
+    assert r.pace() == pytest.approx(35.0)
+    r.epoch_s = [50.0, 20.0, 20.0]
+    assert r.pace() == pytest.approx(30.0)
 
 
 def test_an_epochs_pace_leaves_out_its_compilation():

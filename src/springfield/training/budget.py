@@ -136,13 +136,21 @@ def measure(cfg: TrainConfig, data: RunData, mesh, steps_per_epoch: int) -> Meas
 @dataclass
 class Refit:
     """The budget's account while the run trains: after each epoch, :meth:`after_epoch`
-    gives the epochs that fit by the mean of the epochs measured so far."""
+    gives the epochs that fit at the pace of the epochs measured so far.
+
+    The machines springfield is measured on change pace from minute to minute (a run's
+    epochs went at 0.64-1.24x their mean), and a change of plan costs more than its
+    recompilation (the schedule and input stream are rebuilt too): re-fitting to the mean
+    alone once changed a run's epochs six times (13, 12, 13, 12, 11, 10, 9) and ended it 4 s
+    past its budget. So the pace is the slower of the mean and the last two epochs', a
+    change's cost is the most a change has cost in this run (at least the compilation the
+    budget measured), and a run that had to shrink never grows again."""
 
     budget_s: float
     started: float
     """``time.perf_counter()`` when the budget began (the command's start)."""
     compile_s: float
-    """What a change costs: the train steps compile again for the new schedule."""
+    """What a change costs at least: the train steps compile again for the new schedule."""
     unmeasured: int
     """Epochs that do not tell the speed of the rest: frozen ones, ones at ``--early-size``."""
     epoch_s: list[float] = field(default_factory=list)
@@ -151,22 +159,44 @@ class Refit:
     kept: bool = False
     """A resumed run: its epochs were chosen in an earlier process (and its budget began
     there), so they stay."""
+    change_costs: list[float] = field(default_factory=list)
+    """What each change cost, measured: the epoch after it took that much longer than its
+    steady pace."""
+    _last: float | None = None  # time.perf_counter() at the previous after_epoch
+    _changed: bool = False  # the previous after_epoch changed the plan
 
-    def after_epoch(self, epoch: int, epochs: int, epoch_s: float) -> int:
+    def pace(self) -> float:
+        """The seconds an epoch is expected to take: the slower of the mean of the epochs
+        measured and the mean of the last two."""
+        return max(float(np.mean(self.epoch_s)), float(np.mean(self.epoch_s[-2:])))
+
+    def change_s(self) -> float:
+        """What a change is expected to cost: the most one has cost in this run, at least
+        the budget's measured compilation."""
+        return max([self.compile_s, *self.change_costs])
+
+    def after_epoch(self, epoch: int, epochs: int, epoch_s: float, now: float | None = None) -> int:
         """The epochs to train now that ``epoch`` of ``epochs`` took ``epoch_s`` seconds
-        (train steps without compilation, evaluation, checkpoint)."""
+        (train steps without compilation, evaluation, checkpoint) and it is ``now``
+        (``time.perf_counter()`` if None)."""
         if self.kept:
             return epochs
+        now = time.perf_counter() if now is None else now
+        if self._changed and self._last is not None:
+            self.change_costs.append(max(0.0, now - self._last - epoch_s))
+        self._last, self._changed = now, False
         if epoch > self.unmeasured:
             self.epoch_s.append(epoch_s)
         if not self.epoch_s:
             return epochs
-        left = self.budget_s - (time.perf_counter() - self.started)
-        mean = float(np.mean(self.epoch_s))
-        new = refit_epochs(epochs, epoch, left, mean, self.compile_s)
+        left = self.budget_s - (now - self.started)
+        shrunk = any(c["epochs"][1] < c["epochs"][0] for c in self.changes)
+        pace = self.pace()
+        new = refit_epochs(epochs, epoch, left, pace, self.change_s(), grow=not shrunk)
         if new != epochs:
+            self._changed = True
             self.changes.append(
-                {"after_epoch": epoch, "epochs": [epochs, new], "epoch_s": round(mean, 1)}
+                {"after_epoch": epoch, "epochs": [epochs, new], "epoch_s": round(pace, 1)}
             )
         return new
 
@@ -177,12 +207,14 @@ class Refit:
         return {**(extra or {}), "time_budget_changes": self.changes}
 
 
-def refit_epochs(epochs: int, done: int, left_s: float, epoch_s: float, compile_s: float) -> int:
+def refit_epochs(
+    epochs: int, done: int, left_s: float, epoch_s: float, compile_s: float, grow: bool = True
+) -> int:
     """How many epochs a run of ``epochs`` should train, ``done`` of them finished, with
     ``left_s`` of its budget left and epochs of ``epoch_s`` seconds. A change costs
-    ``compile_s``; it is made only if the run would overrun, or if at least one more epoch
-    fits while the run is in its first half (later, a longer schedule would raise a learning
-    rate already annealed). At least one more epoch is trained."""
+    ``compile_s``; it is made only if the run would overrun, or if ``grow`` and at least one
+    more epoch fits while the run is in its first half (later, a longer schedule would raise
+    a learning rate already annealed). At least one more epoch is trained."""
     if done >= epochs:
         return epochs
 
@@ -193,7 +225,7 @@ def refit_epochs(epochs: int, done: int, left_s: float, epoch_s: float, compile_
     if fits(0.0) == epochs:
         return epochs
     new = fits(compile_s)
-    if new > epochs and 2 * done > epochs:
+    if new > epochs and (2 * done > epochs or not grow):
         return epochs
     return new
 

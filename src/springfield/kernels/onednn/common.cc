@@ -10,6 +10,15 @@ std::mutex& SpringfieldCallLock() {
 
 namespace springfield {
 
+bool OwnAvx512() {
+  static const bool yes = [] {
+    const char* env = std::getenv("SPRINGFIELD_KERNELS_AVX512");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && !(env != nullptr && std::string(env) == "0");
+  }();
+  return yes;
+}
+
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;

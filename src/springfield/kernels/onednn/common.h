@@ -113,6 +113,10 @@ void RunWeightGrad(dnnl::primitive& prim,
                    const memory::desc& wei_f32, void* out,
                    std::unordered_map<int, memory> args);
 
+// Whether springfield's own AVX-512 loops may run: the CPU has AVX-512 (F, BW, VL) and
+// SPRINGFIELD_KERNELS_AVX512 is not "0" (which the tests set to check the other paths).
+bool OwnAvx512();
+
 // Runs `body` under the library's lock, turning oneDNN's exceptions into FFI errors.
 ffi::Error Guard(const std::function<void()>& body);
 

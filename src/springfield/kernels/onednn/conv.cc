@@ -116,12 +116,6 @@ ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w,
 // that slice while it is in cache, with the row's sums in registers. The threads' sums are
 // added in a fixed order (the same numbers every run with the same thread count).
 
-inline bool HasAvx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return yes;
-}
-
 struct DwGeom {
   int64_t n, h, w, c, oh, ow, s, pt, pl;
 };
@@ -168,8 +162,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void DwGradTask(
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) acc[j][v] = _mm512_loadu_ps(out + (j * V + v) * 16);
   // Output columns whose k taps all fall inside the row: [lo, hi).
+  const int64_t last = g.w - K + g.pl;  // the last column's input offset, if >= 0
   const int64_t lo = std::min(g.ow, (g.pl + g.s - 1) / g.s);
-  const int64_t hi = std::max(lo, std::min(g.ow, (g.w - K + g.pl) / g.s + 1));
+  const int64_t hi = std::max(lo, std::min(g.ow, last < 0 ? 0 : last / g.s + 1));
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t oh = 0; oh < g.oh; ++oh) {
       const int64_t ih = oh * g.s - g.pt + i;
@@ -252,7 +247,7 @@ void DwGrad5(const T* x, const T* dy, const DwGeom& g, float* dw) {
 bool OwnDepthwiseWeightGrad(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::ResultBuffer<ffi::F32> dw,
                             int64_t s, int64_t pt, int64_t pl) {
   const auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
-  if (!HasAvx512() || wd[0] != 5 || wd[1] != 5) return false;
+  if (!OwnAvx512() || wd[0] != 5 || wd[1] != 5) return false;
   const DwGeom g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], s, pt, pl};
   if (IsBf16(x.element_type())) {
     DwGrad5(static_cast<const uint16_t*>(x.untyped_data()),

@@ -8,18 +8,6 @@ using namespace springfield;
 
 namespace {
 
-// ---- BatchNorm (+ ReLU) ----------------------------------------------------------------------
-//
-// XLA:CPU runs a training BatchNorm + ReLU and its gradient as five to seven passes over the
-// activations (statistics, normalisation, ReLU, and backwards two reductions and the input
-// gradient), 4-5x the time oneDNN's JIT kernel takes for the same shapes when the data are
-// in cache (2 cores, docs/performance.md); with bfloat16 activations it also spares XLA's
-// conversion of each BatchNorm's input to float32. oneDNN computes the batch mean and biased
-// variance, normalises, scales and shifts, and with `relu` applies ReLU as it writes,
-// keeping the ReLU's mask in a workspace for the backward pass. Inference (running
-// statistics) is one pass either way; it runs here for bfloat16 activations, which XLA:CPU
-// handles at half its float32 speed.
-
 // ---- BatchNorm + ReLU6 (EfficientNet-Lite's), springfield's own loops -----------------------
 //
 // oneDNN's BatchNorm fuses ReLU but not ReLU6's upper bound, so XLA made two more passes
@@ -43,26 +31,22 @@ inline void Store(uint16_t* p, float v) {
   *p = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // nearest even
 }
 
-inline bool HasAvx512Own() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  return yes;
-}
-
 // The loops over a range of rows (c channels each), written plainly for the compiler to
-// vectorise over the channels (no pointer aliases another): once for AVX-512, once for any
-// x86-64 (SPRINGFIELD_BOTH).
+// vectorise over the channels (no pointer aliases another, hence __restrict): once for
+// AVX-512, once for any x86-64 (SPRINGFIELD_BOTH).
+#define SF_R __restrict
 constexpr int64_t kBlock = 64;  // rows summed in float before adding into double
 
 template <typename T>
-__attribute__((always_inline)) inline void StatsRows(const T* __restrict x, int64_t rows, int64_t c,
-                                                     const float* __restrict x0, double* __restrict s1, double* __restrict s2,
-                                                     float* __restrict a1, float* __restrict a2) {
+__attribute__((always_inline)) inline void StatsRows(const T* SF_R x, int64_t rows, int64_t c,
+                                                     const float* SF_R x0, double* SF_R s1,
+                                                     double* SF_R s2, float* SF_R a1,
+                                                     float* SF_R a2) {
   for (int64_t r = 0; r < rows; r += kBlock) {
     for (int64_t k = 0; k < c; ++k) a1[k] = a2[k] = 0;
     for (int64_t rr = r; rr < std::min(rows, r + kBlock); ++rr) {
-      const T* __restrict xr = x + rr * c;
       for (int64_t k = 0; k < c; ++k) {
-        const float d = ToF(xr[k]) - x0[k];
+        const float d = ToF(x[rr * c + k]) - x0[k];
         a1[k] += d;
         a2[k] += d * d;
       }
@@ -75,8 +59,9 @@ __attribute__((always_inline)) inline void StatsRows(const T* __restrict x, int6
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void NormRows(const T* __restrict x, int64_t rows, int64_t c,
-                                                    const float* __restrict a, const float* __restrict b, T* __restrict y) {
+__attribute__((always_inline)) inline void NormRows(const T* SF_R x, int64_t rows, int64_t c,
+                                                    const float* SF_R a, const float* SF_R b,
+                                                    T* SF_R y) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < c; ++k) {
       float v = ToF(x[r * c + k]) * a[k] + b[k];
@@ -89,10 +74,12 @@ __attribute__((always_inline)) inline void NormRows(const T* __restrict x, int64
 
 // Sums of the gradient that passes the clamp (g) and of g * (x - mean).
 template <typename T>
-__attribute__((always_inline)) inline void GradSumRows(const T* __restrict x, const T* __restrict dy, int64_t rows,
-                                                       int64_t c, const float* __restrict a, const float* __restrict b,
-                                                       const float* __restrict mean, double* __restrict sg,
-                                                       double* __restrict sgx, float* __restrict a1, float* __restrict a2) {
+__attribute__((always_inline)) inline void GradSumRows(const T* SF_R x, const T* SF_R dy,
+                                                       int64_t rows, int64_t c,
+                                                       const float* SF_R a, const float* SF_R b,
+                                                       const float* SF_R mean, double* SF_R sg,
+                                                       double* SF_R sgx, float* SF_R a1,
+                                                       float* SF_R a2) {
   for (int64_t r = 0; r < rows; r += kBlock) {
     for (int64_t k = 0; k < c; ++k) a1[k] = a2[k] = 0;
     for (int64_t rr = r; rr < std::min(rows, r + kBlock); ++rr) {
@@ -113,10 +100,11 @@ __attribute__((always_inline)) inline void GradSumRows(const T* __restrict x, co
 
 // dx = k1 * g + k2 * x + k3 (BatchNorm's input gradient, rearranged per channel).
 template <typename T>
-__attribute__((always_inline)) inline void GradRows(const T* __restrict x, const T* __restrict dy, int64_t rows,
-                                                    int64_t c, const float* __restrict a, const float* __restrict b,
-                                                    const float* __restrict k1, const float* __restrict k2,
-                                                    const float* __restrict k3, T* __restrict dx) {
+__attribute__((always_inline)) inline void GradRows(const T* SF_R x, const T* SF_R dy,
+                                                    int64_t rows, int64_t c, const float* SF_R a,
+                                                    const float* SF_R b, const float* SF_R k1,
+                                                    const float* SF_R k2, const float* SF_R k3,
+                                                    T* SF_R dx) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < c; ++k) {
       const float xv = ToF(x[r * c + k]), d = ToF(dy[r * c + k]), v = xv * a[k] + b[k];
@@ -125,36 +113,39 @@ __attribute__((always_inline)) inline void GradRows(const T* __restrict x, const
     }
   }
 }
+#undef SF_R
 
-#define SPRINGFIELD_BOTH(NAME, PARAMS, ARGS)                                                 \
-  template <typename T>                                                                     \
-  __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void NAME##512 PARAMS {          \
-    NAME ARGS;                                                                              \
-  }                                                                                         \
-  template <typename T>                                                                     \
-  void NAME##Any PARAMS {                                                                   \
-    NAME ARGS;                                                                              \
-  }                                                                                         \
-  template <typename T>                                                                     \
-  void NAME##Best PARAMS {                                                                  \
-    HasAvx512Own() ? NAME##512<T> ARGS : NAME##Any<T> ARGS;                                 \
+// NAME##Best: NAME's loop compiled for AVX-512 where springfield's AVX-512 loops run
+// (OwnAvx512), else for the baseline x86-64.
+#define SPRINGFIELD_BOTH(NAME, PARAMS, ARGS)                                          \
+  template <typename T>                                                              \
+  __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void NAME##512 PARAMS {   \
+    NAME ARGS;                                                                       \
+  }                                                                                  \
+  template <typename T>                                                              \
+  void NAME##Any PARAMS {                                                            \
+    NAME ARGS;                                                                       \
+  }                                                                                  \
+  template <typename T>                                                              \
+  void NAME##Best PARAMS {                                                           \
+    OwnAvx512() ? NAME##512<T> ARGS : NAME##Any<T> ARGS;                             \
   }
 
 SPRINGFIELD_BOTH(StatsRows,
-                 (const T* __restrict x, int64_t rows, int64_t c, const float* __restrict x0, double* __restrict s1, double* __restrict s2,
-                  float* __restrict a1, float* __restrict a2),
+                 (const T* x, int64_t rows, int64_t c, const float* x0, double* s1, double* s2,
+                  float* a1, float* a2),
                  (x, rows, c, x0, s1, s2, a1, a2))
 SPRINGFIELD_BOTH(NormRows,
-                 (const T* __restrict x, int64_t rows, int64_t c, const float* __restrict a, const float* __restrict b, T* __restrict y),
+                 (const T* x, int64_t rows, int64_t c, const float* a, const float* b, T* y),
                  (x, rows, c, a, b, y))
 SPRINGFIELD_BOTH(GradSumRows,
-                 (const T* __restrict x, const T* __restrict dy, int64_t rows, int64_t c, const float* __restrict a,
-                  const float* __restrict b, const float* __restrict mean, double* __restrict sg, double* __restrict sgx, float* __restrict a1,
-                  float* __restrict a2),
+                 (const T* x, const T* dy, int64_t rows, int64_t c, const float* a,
+                  const float* b, const float* mean, double* sg, double* sgx, float* a1,
+                  float* a2),
                  (x, dy, rows, c, a, b, mean, sg, sgx, a1, a2))
 SPRINGFIELD_BOTH(GradRows,
-                 (const T* __restrict x, const T* __restrict dy, int64_t rows, int64_t c, const float* __restrict a,
-                  const float* __restrict b, const float* __restrict k1, const float* __restrict k2, const float* __restrict k3, T* __restrict dx),
+                 (const T* x, const T* dy, int64_t rows, int64_t c, const float* a,
+                  const float* b, const float* k1, const float* k2, const float* k3, T* dx),
                  (x, dy, rows, c, a, b, k1, k2, k3, dx))
 
 // y = a * x + b before the clamp, from the statistics (forward and backward alike).
@@ -236,6 +227,18 @@ void BnRelu6Backward(const T* x, const T* dy, int64_t rows, int64_t c, const flo
                     k3.data(), dx + r0 * c);
   });
 }
+
+// ---- BatchNorm (+ ReLU) ----------------------------------------------------------------------
+//
+// XLA:CPU runs a training BatchNorm + ReLU and its gradient as five to seven passes over the
+// activations (statistics, normalisation, ReLU, and backwards two reductions and the input
+// gradient), 4-5x the time oneDNN's JIT kernel takes for the same shapes when the data are
+// in cache (2 cores, docs/performance.md); with bfloat16 activations it also spares XLA's
+// conversion of each BatchNorm's input to float32. oneDNN computes the batch mean and biased
+// variance, normalises, scales and shifts, and with `relu` applies ReLU as it writes,
+// keeping the ReLU's mask in a workspace for the backward pass. Inference (running
+// statistics) is one pass either way; it runs here for bfloat16 activations, which XLA:CPU
+// handles at half its float32 speed.
 
 // `relu`: 0 none, 1 ReLU (oneDNN's fused one), 2 ReLU6 (the loops above).
 constexpr int64_t kRelu6 = 2;
