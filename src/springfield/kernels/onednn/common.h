@@ -113,6 +113,14 @@ void RunWeightGrad(dnnl::primitive& prim,
                    const memory::desc& wei_f32, void* out,
                    std::unordered_map<int, memory> args);
 
+// float32 to bfloat16, rounded to nearest even (activations are finite).
+inline uint16_t ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
 // Whether springfield's own AVX-512 loops may run: the CPU has AVX-512 (F, BW, VL) and
 // SPRINGFIELD_KERNELS_AVX512 is not "0" (which the tests set to check the other paths).
 bool OwnAvx512();

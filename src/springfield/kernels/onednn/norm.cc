@@ -25,11 +25,7 @@ inline float ToF(uint16_t v) {
   return f;
 }
 inline void Store(float* p, float v) { *p = v; }
-inline void Store(uint16_t* p, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  *p = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // nearest even
-}
+inline void Store(uint16_t* p, float v) { *p = ToBf16(v); }
 
 // The loops over a range of rows (c channels each), written plainly for the compiler to
 // vectorise over the channels (no pointer aliases another, hence __restrict): once for

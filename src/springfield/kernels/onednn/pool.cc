@@ -13,13 +13,6 @@ bool Avx512() {
   return __builtin_cpu_supports("avx512f") && !(env != nullptr && std::string(env) == "0");
 }
 
-inline uint16_t ToBf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even (activations are finite)
-  return static_cast<uint16_t>(u >> 16);
-}
-
 // The same rounding, 16 at a time: the scalar loop does not vectorise (no 32->16-bit
 // narrowing below AVX-512), and at ~1 ns an element it took 2x the memory pass it sits in.
 __attribute__((target("avx512f"))) void ToBf16Avx512(const float* in, uint16_t* out,
